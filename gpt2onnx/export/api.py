@@ -1,0 +1,202 @@
+"""``export_model``: a Hugging Face GPT-2 checkpoint in, a validated model folder out."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt2onnx import __version__
+from gpt2onnx.contract import (
+    LAYOUT_FUSED,
+    LAYOUT_STANDARD,
+    LAYOUTS,
+    PRECISIONS,
+    REPORT_FILE,
+    Manifest,
+    fused_io,
+    standard_io,
+)
+from gpt2onnx.errors import InvalidParameterError, ModelFolderError, ValidationError
+from gpt2onnx.export import folder as mf
+from gpt2onnx.export.checkpoint import ModelSpec, load_model, weights_from_model
+
+DEFAULT_LAYOUT = LAYOUT_STANDARD
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to build.
+
+    Args:
+        layout: "standard" (standard ops, any provider) or "fused" (in-place cache).
+        precision: "fp32", "fp16", "int8" or "int4".
+        provider: the provider the fused folder targets ("cpu" or "cuda").
+        max_length: the fused cache's capacity in tokens (default: the model's n_positions).
+        validate: compare with the PyTorch model; a miss fails the export.
+        tokenizer: where to take the tokenizer from (default: SOURCE).
+    """
+
+    layout: str = DEFAULT_LAYOUT
+    precision: str = "fp32"
+    provider: str = "cpu"
+    max_length: int | None = None
+    validate: bool = True
+    tokenizer: str | None = None
+
+    def check(self, spec: ModelSpec | None = None) -> None:
+        if self.layout not in LAYOUTS:
+            raise InvalidParameterError("layout", f"layout must be one of {LAYOUTS}, got "
+                                        f"{self.layout!r}.")
+        if self.precision not in PRECISIONS:
+            raise InvalidParameterError("precision", f"precision must be one of {PRECISIONS}, "
+                                        f"got {self.precision!r}.")
+        if self.provider not in ("cpu", "cuda"):
+            raise InvalidParameterError("provider", f"provider must be 'cpu' or 'cuda', got "
+                                        f"{self.provider!r}.")
+        if self.layout == LAYOUT_STANDARD and self.precision != "fp32":
+            raise InvalidParameterError(
+                "precision", f"the standard layout is exported in fp32 only, got "
+                f"{self.precision!r}; use --layout fused for fp16/int8/int4.")
+        if self.max_length is not None:
+            top = spec.n_positions if spec else None
+            if self.max_length < 2 or (top is not None and self.max_length > top):
+                raise InvalidParameterError(
+                    "max_length", f"max_length must be in [2, {top or 'n_positions'}], got "
+                    f"{self.max_length}; it cannot exceed the model's position table.")
+
+
+class _Progress:
+    """One progress bar over the export's stages (stderr; quiet when not a terminal)."""
+
+    def __init__(self, stages: list[str]) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(stages), desc="export", unit="step", file=sys.stderr,
+                        bar_format="{desc}: {n}/{total} {bar} {elapsed}")
+        self.t0 = time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        self.bar.set_description(f"export: {name}")
+
+    def done(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _build(spec: ModelSpec, weights: Any, opts: ExportOptions, max_length: int) -> Any:
+    if opts.layout == LAYOUT_STANDARD:
+        from gpt2onnx.export.graph_standard import build_standard
+
+        return build_standard(spec, weights)
+    from gpt2onnx.export.graph_fused import build_fused
+
+    return build_fused(spec, weights, opts.precision, opts.provider, max_length)
+
+
+def export_model(source: str | Path, out_dir: str | Path,
+                 options: ExportOptions | None = None) -> dict[str, Any]:
+    """Export ``source`` (a local checkpoint folder or hub id) into ``out_dir``.
+
+    Returns the export report (also written as export_report.json).
+
+    Raises:
+        ModelFolderError, UnsupportedConfigError, InvalidParameterError: bad input.
+        ValidationError: the graph does not match PyTorch; nothing is left in ``out_dir``.
+    """
+    opts = options or ExportOptions()
+    opts.check()
+    out = Path(out_dir)
+    mf.check_destination(out)
+    progress = _Progress(["load", "build", "save", "validate", "publish"])
+    try:
+        progress.stage("loading checkpoint")
+        torch_model, spec = load_model(source)
+        opts.check(spec)
+        tokenizer = _load_tokenizer(opts.tokenizer or str(source))
+        progress.done()
+
+        progress.stage(f"building {opts.layout} {opts.precision} graph")
+        max_length = opts.max_length or spec.n_positions
+        graph = _build(spec, weights_from_model(torch_model), opts, max_length)
+        progress.done()
+
+        with mf.staging_folder(out) as tmp:
+            progress.stage("saving")
+            files = mf.save_graph(graph, tmp) + mf.save_tokenizer(tokenizer, tmp)
+            del graph
+            files += _save_generation_config(torch_model, tmp)
+            manifest = _manifest(spec, opts, max_length, str(source))
+            manifest.files = mf.hash_files(tmp, files)
+            manifest.save(tmp)
+            progress.done()
+
+            report: dict[str, Any] = {
+                "source": str(source), "exporter_version": __version__,
+                "layout": opts.layout, "precision": opts.precision, "provider": opts.provider,
+                "validation": None,
+            }
+            if opts.validate:
+                progress.stage("validating against PyTorch")
+                from gpt2onnx.export.validate import validate_folder
+
+                result = validate_folder(tmp, torch_model, opts.precision)
+                report["validation"] = result.to_dict()
+                progress.done()
+                progress.close()
+                print(f"validation ({opts.layout} {opts.precision}) against transformers "
+                      f"GPT2LMHeadModel:\n{result.summary()}", file=sys.stderr)
+                if not result.passed:
+                    raise ValidationError(
+                        f"validation failed for {opts.layout} {opts.precision}; nothing was "
+                        f"written to {out}.\n{result.summary()}")
+            else:
+                progress.done()
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            progress.stage("publishing")
+            mf.publish(tmp, out)
+            progress.done()
+    finally:
+        progress.close()
+    return report
+
+
+def _load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(
+            f"cannot load a tokenizer from {source!r}: {exc}. Pass --tokenizer with a folder "
+            "or hub id that has tokenizer files (e.g. 'gpt2').") from exc
+
+
+def _save_generation_config(torch_model: Any, folder: Path) -> list[str]:
+    config = getattr(torch_model, "generation_config", None)
+    if config is None:
+        return []
+    config.save_pretrained(str(folder))
+    return ["generation_config.json"]
+
+
+def _manifest(spec: ModelSpec, opts: ExportOptions, max_length: int, source: str) -> Manifest:
+    cache_dtype = "float16" if opts.precision == "fp16" else "float32"
+    io = fused_io if opts.layout == LAYOUT_FUSED else standard_io
+    inputs, outputs = io(spec.n_layer, spec.n_head, spec.head_dim, spec.vocab_size, cache_dtype)
+    return Manifest(
+        layout=opts.layout, precision=opts.precision,
+        provider=opts.provider if opts.layout == LAYOUT_FUSED else "any",
+        n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim, n_embd=spec.n_embd,
+        vocab_size=spec.vocab_size, context_length=spec.n_positions,
+        bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id,
+        pad_token_id=spec.pad_token_id, cache_dtype=cache_dtype,
+        inputs=[s.name for s in inputs], outputs=[s.name for s in outputs],
+        opset=17, source=source, exporter_version=__version__,
+        max_length=max_length if opts.layout == LAYOUT_FUSED else None,
+    )

@@ -1,0 +1,207 @@
+"""Validate an exported folder against the PyTorch model it came from.
+
+The folder is run through the runtime's own cache and decode loop (what users will
+run), and compared with transformers' GPT2LMHeadModel, each prompt alone:
+  1. the prompt step (past 0; rows of different lengths, so padding is exercised),
+  2. decode steps (past > 0),
+  3. 32 greedy tokens against ``GPT2LMHeadModel.generate``.
+Every output gets a line with its max |diff|, the threshold and a check or a cross.
+Metrics follow ONNX Runtime's GPT-2 parity tool: |diff| percentiles, top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2onnx.contract import cache_names
+
+GREEDY_STEPS = 32
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass marks of one precision. Logit errors are relative to the reference logits'
+    range (max - min), cache errors to the cache's largest magnitude."""
+
+    logits_rel: float
+    cache_rel: float
+    top1: float  # fraction of compared positions whose argmax equals the reference's
+    greedy_prefix: int  # greedy tokens identical to transformers' before the first change
+
+
+THRESHOLDS = {
+    "fp32": Thresholds(logits_rel=1e-4, cache_rel=1e-4, top1=1.0, greedy_prefix=GREEDY_STEPS),
+}
+
+
+@dataclass
+class Check:
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+    higher_is_better: bool = False
+
+    def line(self) -> str:
+        mark = "✓" if self.passed else "✗"
+        op = ">=" if self.higher_is_better else "<="
+        return f"  {mark} {self.name:<28} {self.value:.3g} (threshold {op} {self.threshold:.3g})"
+
+
+@dataclass
+class ValidationReport:
+    precision: str
+    thresholds: dict[str, Any]
+    checks: list[Check] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def summary(self) -> str:
+        return "\n".join(c.line() for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, "passed": self.passed,
+                "thresholds": self.thresholds, "checks": [asdict(c) for c in self.checks],
+                "metrics": self.metrics}
+
+
+def _layer_kv(cache: Any, layer: int) -> tuple[Any, Any]:
+    """(key, value) of one layer from a transformers cache object (4.57 and 5.x)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[layer].keys, layers[layer].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[layer], cache.value_cache[layer]
+    return cache[layer]
+
+
+class _TorchRow:
+    """The PyTorch reference for one prompt run alone (batch 1, no padding)."""
+
+    def __init__(self, model: Any, ids: list[int]) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model
+        # transformers 5 renamed forward's past_key_values to cache; 4.57 knows only the old name.
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), use_cache=True)
+        self.cache = out.past_key_values
+        self.logits = out.logits[0, -1].float().numpy()
+
+    def step(self, token: int) -> None:
+        with self.torch.no_grad():
+            out = self.model(input_ids=self.torch.tensor([[token]]),
+                             **{self.cache_kw: self.cache}, use_cache=True)
+        self.cache = out.past_key_values
+        self.logits = out.logits[0, -1].float().numpy()
+
+    def kv(self, index: int) -> np.ndarray:
+        key, value = _layer_kv(self.cache, index // 2)
+        return (key if index % 2 == 0 else value)[0].float().numpy()
+
+
+class _Errors:
+    """Collects |diff| statistics and argmax agreement across steps."""
+
+    def __init__(self, n_cache: int) -> None:
+        self.logit_diffs: list[np.ndarray] = []
+        self.logit_rel = 0.0
+        self.top1: list[bool] = []
+        self.cache_rel = [0.0] * n_cache
+
+    def add_logits(self, ours: np.ndarray, ref: np.ndarray) -> None:
+        diff = np.abs(ours.astype(np.float64) - ref)
+        self.logit_diffs.append(diff)
+        span = float(ref.max() - ref.min()) or 1.0
+        self.logit_rel = max(self.logit_rel, float(diff.max()) / span)
+        self.top1.append(int(np.argmax(ours)) == int(np.argmax(ref)))
+
+    def add_cache(self, index: int, ours: np.ndarray, ref: np.ndarray) -> None:
+        diff = float(np.abs(ours.astype(np.float64) - ref).max()) if ref.size else 0.0
+        scale = max(float(np.abs(ref).max()) if ref.size else 0.0, 1.0)
+        self.cache_rel[index] = max(self.cache_rel[index], diff / scale)
+
+
+def validate_folder(folder: Path, torch_model: Any, precision: str, provider: str = "cpu",
+                    n_batches: int = 2, decode_steps: int = 3, seed: int = 0,
+                    thresholds: Thresholds | None = None) -> ValidationReport:
+    """Compare ``folder`` with ``torch_model``; returns a report (``.passed`` says if it held)."""
+    import torch
+
+    # The runtime validates what it will run; it never imports the exporter, only the reverse.
+    from gpt2onnx.runtime.model import Model
+    from gpt2onnx.runtime.params import GenerationParams
+
+    th = thresholds or THRESHOLDS[precision]
+    model = Model(folder, provider=provider, verify=False)
+    m = model.manifest
+    rng = np.random.default_rng(seed)
+    names = cache_names(m.n_layer)
+    err = _Errors(len(names))
+    capacity = min(model.context_length, 64)
+
+    for _ in range(n_batches):
+        # Two rows of different lengths: the shorter one is padded by the layout.
+        lengths = sorted(rng.integers(1, capacity // 2, size=2).tolist(), reverse=True)
+        if lengths[0] == lengths[1]:
+            lengths[1] = max(1, lengths[0] - 3)
+        rows = [rng.integers(0, m.vocab_size, size=n).tolist() for n in lengths]
+        refs = [_TorchRow(torch_model, r) for r in rows]
+        cache = model.cache(len(rows))
+        cache.reset()
+        ours = cache.prefill(rows)
+        for step in range(decode_steps + 1):
+            for i, ref in enumerate(refs):
+                err.add_logits(ours[i], ref.logits)
+                for j in range(len(names)):
+                    err.add_cache(j, cache.row_kv(j, i), ref.kv(j))
+            if step == decode_steps:
+                break
+            tokens = rng.integers(0, m.vocab_size, size=len(rows))
+            for ref, t in zip(refs, tokens, strict=True):
+                ref.step(int(t))
+            ours = cache.decode(tokens.astype(np.int64))
+
+    # 32 greedy tokens: transformers' generate vs the runtime's loop.
+    prompt = rng.integers(0, m.vocab_size, size=8).tolist()
+    steps = min(GREEDY_STEPS, model.context_length - len(prompt))
+    with torch.no_grad():
+        hf = torch_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                  dtype=torch.long), max_new_tokens=steps, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+    hf_tokens = hf[0, len(prompt):].tolist()
+    got = model.generate(prompt, GenerationParams(max_new_tokens=steps, stop_on_eos=False))
+    prefix = next((i for i, (a, b) in enumerate(zip(got.token_ids, hf_tokens, strict=False))
+                   if a != b), min(len(got.token_ids), len(hf_tokens)))
+
+    all_diffs = np.concatenate([d.ravel() for d in err.logit_diffs])
+    report = ValidationReport(precision=precision, thresholds=asdict(th))
+    report.checks.append(Check("logits max|diff|/range", err.logit_rel, th.logits_rel,
+                               err.logit_rel <= th.logits_rel))
+    for j, (_, present) in enumerate(names):
+        report.checks.append(Check(f"{present} max|diff|", err.cache_rel[j], th.cache_rel,
+                                   err.cache_rel[j] <= th.cache_rel))
+    top1 = float(np.mean(err.top1))
+    report.checks.append(Check("top-1 agreement", top1, th.top1, top1 >= th.top1, True))
+    greedy_needed = min(th.greedy_prefix, steps)
+    report.checks.append(Check(f"greedy tokens equal (of {steps})", prefix, greedy_needed,
+                               prefix >= greedy_needed, True))
+    report.metrics = {
+        "logits_abs_diff": {f"p{q}": float(np.percentile(all_diffs, q)) for q in (50, 90, 99)}
+        | {"max": float(all_diffs.max())},
+        "positions_compared": len(err.top1),
+        "greedy_reference": hf_tokens,
+        "greedy_ours": got.token_ids,
+    }
+    return report

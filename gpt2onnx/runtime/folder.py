@@ -1,0 +1,162 @@
+"""Open a model folder: our own (manifest.json) or one exported by optimum-cli.
+
+The runtime learns everything from here; nothing about a model is guessed later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+
+from gpt2onnx.contract import (
+    ATTENTION_MASK,
+    GRAPH_FILE,
+    INPUT_IDS,
+    LAYOUT_STANDARD,
+    LOGITS,
+    MANIFEST_FILE,
+    POSITION_IDS,
+    TOKENIZER_FILE,
+    Manifest,
+    cache_names,
+    sha256_file,
+)
+from gpt2onnx.errors import ModelFolderError, ProviderUnavailableError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+def open_manifest(folder: str | Path, verify: bool = True) -> Manifest:
+    """Read (or, for an optimum folder, derive) the manifest and check the files.
+
+    Args:
+        folder: the model folder.
+        verify: check each file's sha256 against the manifest (catches truncated copies).
+
+    Raises:
+        ModelFolderError: missing folder, missing or corrupt file, unreadable manifest.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise ModelFolderError(
+            f"model folder {str(path)!r} does not exist or is not a folder. Export one with "
+            "`python -m gpt2onnx.export SOURCE OUT_DIR` (or `make export`).")
+    if (path / MANIFEST_FILE).exists():
+        manifest = Manifest.load(path)
+        for rel in (manifest.graph_file, manifest.tokenizer_file):
+            if rel not in manifest.files:
+                raise ModelFolderError(f"{path / MANIFEST_FILE} lists no hash for {rel}; "
+                                       "re-export the folder.")
+        for rel, digest in manifest.files.items():
+            file = path / rel
+            if not file.is_file():
+                raise ModelFolderError(f"{file} is missing from the model folder; re-export "
+                                       "it or copy the whole folder again.")
+            if verify and sha256_file(file) != digest:
+                raise ModelFolderError(
+                    f"{file} does not match the sha256 in manifest.json (corrupt or partial "
+                    "copy); copy the folder again or re-export it.")
+        return manifest
+    if (path / GRAPH_FILE).exists() and (path / "config.json").exists():
+        return _manifest_from_optimum(path)
+    raise ModelFolderError(
+        f"{path} has neither manifest.json (a gpt2onnx folder) nor model.onnx + config.json "
+        "(an optimum folder). Export one with `python -m gpt2onnx.export SOURCE OUT_DIR`.")
+
+
+def _manifest_from_optimum(path: Path) -> Manifest:
+    """An `optimum-cli export onnx --task text-generation-with-past` folder: same IO names,
+    standard layout; its config.json supplies the shapes."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        n_layer, n_head, n_embd = config["n_layer"], config["n_head"], config["n_embd"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelFolderError(f"{path / 'config.json'} is not a GPT-2 config ({exc}).") from exc
+    if not (path / TOKENIZER_FILE).exists():
+        raise ModelFolderError(f"{path} has no {TOKENIZER_FILE}; the runtime needs it.")
+    names = [n for pair in cache_names(n_layer) for n in pair]
+    eos = config.get("eos_token_id")
+    return Manifest(
+        layout=LAYOUT_STANDARD, precision="fp32", provider="any", n_layer=n_layer,
+        n_head=n_head, head_dim=n_embd // n_head, n_embd=n_embd,
+        vocab_size=config["vocab_size"], context_length=config.get("n_positions", 1024),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        pad_token_id=config.get("pad_token_id"), cache_dtype="float32",
+        inputs=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *names[0::2]],
+        outputs=[LOGITS, *names[1::2]], source=f"optimum folder {path}",
+    )
+
+
+def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
+                 threads: int | None = None, cuda_graph: bool = False,
+                 profile: bool = False) -> ort.InferenceSession:
+    """An InferenceSession for the folder's graph on one provider, checked against the manifest.
+
+    Raises:
+        ProviderUnavailableError: ``provider`` unknown or not in this onnxruntime build.
+        ModelFolderError: the graph's inputs/outputs differ from the manifest's.
+    """
+    if provider not in PROVIDERS:
+        raise ProviderUnavailableError(
+            f"provider {provider!r} is not one of {sorted(PROVIDERS)}; pass --provider cpu or cuda.")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise ProviderUnavailableError(
+            f"provider {provider!r} needs {PROVIDERS[provider]}, which this onnxruntime build "
+            f"lacks (it has {available}). Install the GPU build: `pip uninstall onnxruntime && "
+            "pip install 'gpt2onnx[gpu]'` (onnxruntime-gpu replaces onnxruntime).")
+    if manifest.provider not in ("any", provider):
+        raise ProviderUnavailableError(
+            f"this folder was exported for the {manifest.provider!r} provider "
+            f"(precision {manifest.precision}, layout {manifest.layout}); export another with "
+            f"`--provider {provider}` or run it with provider={manifest.provider!r}.")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if profile:
+        opts.enable_profiling = True
+    provider_options: dict[str, str] = {}
+    if provider == "cuda":
+        # A node without a CUDA kernel must be an error, never a silent CPU copy per step.
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        if cuda_graph:
+            provider_options["enable_cuda_graph"] = "1"
+    graph = Path(folder) / manifest.graph_file
+    try:
+        session = ort.InferenceSession(str(graph), sess_options=opts,
+                                       providers=[(PROVIDERS[provider], provider_options)])
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelFolderError(f"onnxruntime cannot load {graph}: {exc}") from exc
+    _check_io(graph, manifest, session)
+    return session
+
+
+def _check_io(graph: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if manifest.source.startswith("optimum") and POSITION_IDS not in got_in:
+        # Older optimum exports of gpt2 derive positions from the mask inside the graph.
+        manifest.inputs.remove(POSITION_IDS)
+    missing_in = [n for n in manifest.inputs if n not in got_in]
+    extra_in = [n for n in got_in if n not in manifest.inputs]
+    missing_out = [n for n in manifest.outputs if n not in got_out]
+    if missing_in or extra_in or missing_out:
+        raise ModelFolderError(
+            f"{graph} does not match manifest.json: inputs missing {missing_in}, unexpected "
+            f"inputs {extra_in}, outputs missing {missing_out}. Re-export the folder.")
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values.") and _ORT_TYPES.get(i.type) != manifest.cache_dtype:
+            raise ModelFolderError(
+                f"{graph}: input {i.name} is {i.type}, manifest.json says cache_dtype "
+                f"{manifest.cache_dtype}. Re-export the folder.")
+
+
+def session_device(provider: str) -> tuple[str, int]:
+    """(device_type, device_id) where the session's buffers live."""
+    return ("cuda", 0) if provider == "cuda" else ("cpu", 0)

@@ -1,0 +1,103 @@
+"""Generation parameters, validated once, with messages that name the value and the range."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from gpt2onnx.errors import InvalidParameterError
+
+MAX_STOP_STRINGS = 16
+OVERFLOW_MODES = ("error", "truncate")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to pick tokens and when to stop.
+
+    Args:
+        max_new_tokens: tokens to generate at most (>= 1).
+        temperature: 0 means greedy; > 0 samples from softmax(logits / temperature).
+        top_k: keep the k most likely tokens before sampling; 0 disables.
+        top_p: nucleus sampling, keep the smallest set with probability >= top_p; 1 disables.
+        repetition_penalty: > 1 discourages tokens already in the text (CTRL-style, as
+            transformers applies it); 1 disables.
+        seed: seeds the sampler; the same seed gives the same tokens.
+        stop: strings that end generation; the text is cut before the first one.
+        stop_on_eos: end a row when the model emits its EOS token.
+        on_overflow: "error" refuses a prompt + max_new_tokens beyond the context;
+            "truncate" keeps the prompt's last tokens and shortens max_new_tokens to fit.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_on_eos: bool = True
+    on_overflow: str = "error"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def with_(self, **changes: object) -> GenerationParams:
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        _int("max_new_tokens", self.max_new_tokens, 1, None,
+             "ask for at least one new token")
+        _num("temperature", self.temperature)
+        if self.temperature < 0:
+            raise InvalidParameterError(
+                "temperature", f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        _int("top_k", self.top_k, 0, None, "use 0 to disable top-k")
+        _num("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidParameterError(
+                "top_p", f"top_p must be in (0, 1], got {self.top_p}; use 1 to disable it.")
+        _num("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise InvalidParameterError(
+                "repetition_penalty",
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}.")
+        if self.seed is not None and (isinstance(self.seed, bool)
+                                      or not isinstance(self.seed, int) or self.seed < 0):
+            raise InvalidParameterError(
+                "seed", f"seed must be a non-negative integer or None, got {self.seed!r}.")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidParameterError(
+                "stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed, got "
+                f"{len(self.stop)}; keep the ones that matter.")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidParameterError(
+                    "stop", f"stop strings must be non-empty strings, got {s!r}.")
+        if self.on_overflow not in OVERFLOW_MODES:
+            raise InvalidParameterError(
+                "on_overflow", f"on_overflow must be one of {OVERFLOW_MODES}, got "
+                f"{self.on_overflow!r}.")
+
+
+def _num(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameterError(name, f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise InvalidParameterError(name, f"{name} must be finite, got {value!r}.")
+
+
+def _int(name: str, value: object, low: int, high: int | None, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(name, f"{name} must be an integer, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise InvalidParameterError(name, f"{name} must be {span}, got {value}; {fix}.")
