@@ -730,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     # fp16 halves the file (the brief caps the folder at 16 MB). transformers 5
     # always writes safetensors, so no safe_serialization flag is needed.
     copy.deepcopy(model).half().save_pretrained(out)
+    (out / "model.safetensors").chmod(0o644)  # written 0600 via a temp file
     tok.save_pretrained(out)
     # transformers 5 writes neither of these; older loaders and the slow
     # GPT2Tokenizer(vocab_file, merges_file) path still look for them.

@@ -57,6 +57,10 @@ class ExportOptions:
         if self.provider not in ("cpu", "cuda"):
             raise InvalidParameterError("provider", f"provider must be 'cpu' or 'cuda', got "
                                         f"{self.provider!r}.")
+        if self.layout == LAYOUT_FUSED:
+            from gpt2onnx.export.precision import check_pair
+
+            check_pair(self.precision, self.provider)
         if self.layout == LAYOUT_STANDARD and self.precision != "fp32":
             raise InvalidParameterError(
                 "precision", f"the standard layout is exported in fp32 only, got "
@@ -95,8 +99,21 @@ def _build(spec: ModelSpec, weights: Any, opts: ExportOptions, max_length: int) 
 
         return build_standard(spec, weights)
     from gpt2onnx.export.graph_fused import build_fused
+    from gpt2onnx.export.precision import apply_precision
 
-    return build_fused(spec, weights, opts.precision, opts.provider, max_length)
+    del max_length  # the fused graph is length-agnostic; the runtime sizes the buffers
+    graph = build_fused(spec, weights, quantized_head=opts.precision in ("int8", "int4"))
+    if cache_dtype(opts) == "float16":
+        graph = apply_precision(graph, "fp16")
+    if opts.precision in ("int8", "int4"):
+        graph = apply_precision(graph, opts.precision)
+    return graph
+
+
+def cache_dtype(opts: ExportOptions) -> str:
+    """fp16 graphs and CUDA int4 graphs (fp16 activations) keep an fp16 cache."""
+    half = opts.precision == "fp16" or (opts.precision == "int4" and opts.provider == "cuda")
+    return "float16" if half else "float32"
 
 
 def export_model(source: str | Path, out_dir: str | Path,
@@ -186,16 +203,16 @@ def _save_generation_config(torch_model: Any, folder: Path) -> list[str]:
 
 
 def _manifest(spec: ModelSpec, opts: ExportOptions, max_length: int, source: str) -> Manifest:
-    cache_dtype = "float16" if opts.precision == "fp16" else "float32"
     io = fused_io if opts.layout == LAYOUT_FUSED else standard_io
-    inputs, outputs = io(spec.n_layer, spec.n_head, spec.head_dim, spec.vocab_size, cache_dtype)
+    inputs, outputs = io(spec.n_layer, spec.n_head, spec.head_dim, spec.vocab_size,
+                         cache_dtype(opts))
     return Manifest(
         layout=opts.layout, precision=opts.precision,
         provider=opts.provider if opts.layout == LAYOUT_FUSED else "any",
         n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim, n_embd=spec.n_embd,
         vocab_size=spec.vocab_size, context_length=spec.n_positions,
         bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id,
-        pad_token_id=spec.pad_token_id, cache_dtype=cache_dtype,
+        pad_token_id=spec.pad_token_id, cache_dtype=cache_dtype(opts),
         inputs=[s.name for s in inputs], outputs=[s.name for s in outputs],
         opset=17, source=source, exporter_version=__version__,
         max_length=max_length if opts.layout == LAYOUT_FUSED else None,

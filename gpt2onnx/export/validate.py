@@ -36,6 +36,9 @@ class Thresholds:
 
 THRESHOLDS = {
     "fp32": Thresholds(logits_rel=1e-4, cache_rel=1e-4, top1=1.0, greedy_prefix=GREEDY_STEPS),
+    "fp16": Thresholds(logits_rel=2e-2, cache_rel=1e-2, top1=0.9, greedy_prefix=8),
+    "int8": Thresholds(logits_rel=1e-1, cache_rel=1e-1, top1=0.8, greedy_prefix=4),
+    "int4": Thresholds(logits_rel=2e-1, cache_rel=2e-1, top1=0.7, greedy_prefix=2),
 }
 
 

@@ -1,0 +1,130 @@
+"""The `fused` layout: ONNX Runtime's com.microsoft ops and an in-place KV cache.
+
+Per layer: MatMul(qkv) -> GroupQueryAttention on packed QKV, whose past and present
+are one preallocated [batch, n_head, max_length, head_dim] buffer (the runtime binds
+the same OrtValue to both), then SkipLayerNormalization folds the residual add, the
+projection bias and the next LayerNorm into one kernel; FastGelu folds the MLP bias.
+Only each row's last real token goes through ln_f and the LM head, and an ArgMax
+output gives greedy decoding its token without copying logits off the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from gpt2onnx.contract import (
+    INPUT_IDS,
+    LOGITS,
+    NEXT_TOKEN,
+    POSITION_IDS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    fused_io,
+    past_name,
+    present_name,
+)
+from gpt2onnx.errors import UnsupportedConfigError
+from gpt2onnx.export.checkpoint import TANH_GELUS, ModelSpec, Weights
+from gpt2onnx.export.graph_builder import MS_DOMAIN, GraphBuilder
+from gpt2onnx.export.graph_parts import activation, embeddings, layer_norm, lm_head_weight
+
+OPSET = 17
+
+
+def check_fused(spec: ModelSpec) -> None:
+    if spec.head_dim % 8 != 0:
+        raise UnsupportedConfigError(
+            f"the fused layout needs head_dim (n_embd / n_head = {spec.head_dim}) to be a "
+            "multiple of 8 (GroupQueryAttention's kernels); export with --layout standard.")
+
+
+def _mlp_act(g: GraphBuilder, spec: ModelSpec, i: int, up: str, bias: str) -> str:
+    """act(up + bias), folding the bias into the activation kernel where one exists."""
+    if spec.activation in TANH_GELUS:
+        return g.op("FastGelu", [up, bias], f"h{i}_act", domain=MS_DOMAIN)
+    if spec.activation == "gelu":
+        return g.op("BiasGelu", [up, bias], f"h{i}_act", domain=MS_DOMAIN)
+    return activation(g, g.op("Add", [up, bias], f"h{i}_fc"), spec.activation, f"h{i}_act")
+
+
+def build_fused(spec: ModelSpec, w: Weights, quantized_head: bool = False) -> onnx.ModelProto:
+    """The fp32 fused graph; precisions are applied to it afterwards (see precision.py).
+
+    Args:
+        quantized_head: give the LM head its own [n_embd, vocab] MatMul weight, so that a
+            weight quantizer can shrink it (the tied [vocab, n_embd] matrix must stay a
+            float Gather table for the embeddings).
+    """
+    check_fused(spec)
+    g = GraphBuilder("gpt2_fused", OPSET, contrib=True)
+    inputs, outputs = fused_io(spec.n_layer, spec.n_head, spec.head_dim, spec.vocab_size,
+                               "float32")
+    for s in inputs:
+        g.add_input(s)
+    eps = spec.layer_norm_epsilon
+
+    x = embeddings(g, w, INPUT_IDS, POSITION_IDS)  # [batch, seq, n_embd] residual stream
+    l0 = w.layers[0]
+    h = layer_norm(g, x, g.weight("transformer.h.0.ln_1.weight", l0.ln_1_w),
+                   g.weight("transformer.h.0.ln_1.bias", l0.ln_1_b), eps, "h0_ln1")
+    for i, lw in enumerate(w.layers):
+        p = f"transformer.h.{i}"
+        qkv = g.op("Add", [g.op("MatMul", [h, g.weight(f"{p}.attn.c_attn.weight", lw.attn_w)]),
+                           g.weight(f"{p}.attn.c_attn.bias", lw.attn_b)], f"h{i}_qkv")
+        attn, _, _ = g.op_multi(
+            "GroupQueryAttention",
+            [qkv, "", "", past_name(i, "key"), past_name(i, "value"), SEQLENS_K,
+             TOTAL_SEQUENCE_LENGTH],
+            f"h{i}_gqa", domain=MS_DOMAIN,
+            outputs=[f"h{i}_attn", present_name(i, "key"), present_name(i, "value")],
+            num_heads=spec.n_head, kv_num_heads=spec.n_head, scale=spec.attn_scale(i))
+        proj = g.op("MatMul", [attn, g.weight(f"{p}.attn.c_proj.weight", lw.attn_proj_w)],
+                    f"h{i}_attn_proj")
+        # h = LN2(x + proj + bias); x = x + proj + bias
+        h, _, _, x = g.op_multi(
+            "SkipLayerNormalization",
+            [proj, x, g.weight(f"{p}.ln_2.weight", lw.ln_2_w), g.weight(f"{p}.ln_2.bias",
+                                                                          lw.ln_2_b),
+             g.weight(f"{p}.attn.c_proj.bias", lw.attn_proj_b)],
+            f"h{i}_skipln2", domain=MS_DOMAIN,
+            outputs=[f"h{i}_ln2", "", "", f"h{i}_res1"], epsilon=eps)
+        up = g.op("MatMul", [h, g.weight(f"{p}.mlp.c_fc.weight", lw.fc_w)], f"h{i}_fc_mm")
+        act = _mlp_act(g, spec, i, up, g.weight(f"{p}.mlp.c_fc.bias", lw.fc_b))
+        down = g.op("MatMul", [act, g.weight(f"{p}.mlp.c_proj.weight", lw.fc_proj_w)],
+                    f"h{i}_mlp_mm")
+        down_b = g.weight(f"{p}.mlp.c_proj.bias", lw.fc_proj_b)
+        if i + 1 < spec.n_layer:
+            nxt = w.layers[i + 1]
+            q = f"transformer.h.{i + 1}"
+            h, _, _, x = g.op_multi(
+                "SkipLayerNormalization",
+                [down, x, g.weight(f"{q}.ln_1.weight", nxt.ln_1_w),
+                 g.weight(f"{q}.ln_1.bias", nxt.ln_1_b), down_b],
+                f"h{i}_skipln1", domain=MS_DOMAIN,
+                outputs=[f"h{i + 1}_ln1", "", "", f"h{i}_res2"], epsilon=eps)
+        else:
+            x = g.op("Add", [g.op("Add", [down, down_b]), x], "final_residual")
+
+    # Each row's last real token sits at index seqlens_k - past (rows are right-padded and
+    # position_ids[:, 0] is the row's past length).
+    past_len = g.op("Gather", [POSITION_IDS, g.const([0])], "past_len", axis=1)  # [batch, 1]
+    last = g.op("Sub", [g.op("Cast", [SEQLENS_K], to=onnx.TensorProto.INT64),
+                        g.op("Squeeze", [past_len, g.const([1])])], "last_index")
+    last = g.op("Unsqueeze", [last, g.const([1])], "last_index_2d")  # [batch, 1]
+    x_last = g.op("GatherND", [x, last], "last_hidden", batch_dims=1)  # [batch, n_embd]
+    x_last = layer_norm(g, x_last, g.weight("transformer.ln_f.weight", w.ln_f_w),
+                        g.weight("transformer.ln_f.bias", w.ln_f_b), eps, "ln_f")
+    if quantized_head:
+        head = w.lm_head if w.lm_head is not None else w.wte
+        logits = g.op("MatMul", [x_last, g.weight("lm_head.weight_t",
+                                                  np.ascontiguousarray(head.T))], LOGITS)
+    else:
+        logits = g.op("Gemm", [x_last, lm_head_weight(g, w)], LOGITS, transB=1)
+    next_token = g.op("ArgMax", [logits], NEXT_TOKEN, axis=-1, keepdims=0)
+
+    g.add_output(outputs[0], logits)
+    g.add_output(outputs[1], next_token)
+    for s in outputs[2:]:
+        g.add_output(s, s.name)
+    return g.model(doc="GPT-2, fused layout with an in-place KV cache (gpt2onnx)")

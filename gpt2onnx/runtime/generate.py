@@ -1,0 +1,68 @@
+"""python -m gpt2onnx.runtime.generate MODEL_DIR --prompt TEXT [options]
+
+Drives the same ``Model`` API that services embed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gpt2onnx.errors import Gpt2OnnxError
+from gpt2onnx.runtime.model import Model
+from gpt2onnx.runtime.params import GenerationParams
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gpt2onnx.runtime.generate",
+                                description="Generate text from an exported model folder.")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop string (repeatable)")
+    p.add_argument("--truncate", action="store_true",
+                   help="shorten the prompt / max-new-tokens to fit the context instead of "
+                        "refusing")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        params = GenerationParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+            seed=args.seed, stop=tuple(args.stop),
+            on_overflow="truncate" if args.truncate else "error")
+        model = Model(args.model_dir, provider=args.provider, threads=args.threads)
+        if args.stream and not args.json:
+            sys.stdout.write(args.prompt)
+            for piece in model.stream(args.prompt, params):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+        result = model.generate(args.prompt, params)
+    except Gpt2OnnxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print(args.prompt + result.text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
