@@ -24,7 +24,7 @@ from gpt2onnx.errors import InvalidParameterError, ModelFolderError, ValidationE
 from gpt2onnx.export import folder as mf
 from gpt2onnx.export.checkpoint import ModelSpec, load_model, weights_from_model
 
-DEFAULT_LAYOUT = LAYOUT_STANDARD
+DEFAULT_LAYOUT = LAYOUT_FUSED
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class StandardCache:
     it is bound, as the same OrtValue, as the next step's past. Rows are left-padded and
     masked, as transformers does for batched generation."""
 
+    supports_slots = False  # one tensor for the whole batch: rows cannot join or leave
+
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, batch_size: int,
                  device: tuple[str, int], pad_id: int) -> None:
         self.session = session
@@ -113,6 +115,8 @@ class FusedCache:
     """Fused layout: one [batch, n_head, max_length, head_dim] buffer per past/present
     pair, allocated once and updated in place by GroupQueryAttention. Each row (slot)
     has its own length, so rows join, decode and leave independently."""
+
+    supports_slots = True
 
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, batch_size: int,
                  device: tuple[str, int]) -> None:

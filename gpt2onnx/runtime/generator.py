@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
 
 
 @dataclass
@@ -89,86 +90,131 @@ def plan_row(prompt_ids: Sequence[int], params: GenerationParams, capacity: int,
 
 
 class Generator:
-    """Step-level generation over a batch of prompts (each with its own parameters).
+    """Step-level generation over a batch of rows, each with its own parameters.
 
     Args:
         model: a loaded ``Model``.
-        prompts: token ids per row.
+        prompts: token ids per row, prefilled together by the first step.
         params: one ``GenerationParams`` for all rows, or one per row.
+        batch_size: slots in the cache (default: one per prompt). With the fused layout,
+            ``add`` prefills a new row into a free slot between steps and ``release``
+            frees one at once: continuous batching.
 
     Use ``generate_next_token()`` until ``is_done()``; ``rows`` holds ids, text and
-    finish reasons. Not thread-safe: one generator runs on a model at a time.
+    finish reasons per slot (None for a free slot). Not thread-safe: one thread drives it.
     """
 
     def __init__(self, model: Model, prompts: Sequence[Sequence[int]],
-                 params: GenerationParams | Sequence[GenerationParams]) -> None:
-        if not prompts:
-            raise InvalidParameterError("prompt", "no prompts given; pass at least one.")
+                 params: GenerationParams | Sequence[GenerationParams],
+                 batch_size: int | None = None) -> None:
         per_row = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
         if len(per_row) != len(prompts):
             raise InvalidParameterError("params", f"{len(per_row)} params for {len(prompts)} "
                                         "prompts; pass one, or one per prompt.")
+        size = batch_size if batch_size is not None else len(prompts)
+        if size < max(1, len(prompts)):
+            raise InvalidParameterError(
+                "batch_size", f"batch_size must be >= the number of prompts ({len(prompts)}) "
+                f"and >= 1, got {size}.")
         self.model = model
-        self.cache = model.cache(len(prompts))
+        self.cache = model.cache(size)
+        self.cache.reset()
         self.eos = model.manifest.eos_token_id
-        self.rows: list[Row] = []
-        for ids, p in zip(prompts, per_row, strict=True):
-            ids, n_new = plan_row(ids, p, self.cache.capacity, model.manifest.vocab_size)
-            self.rows.append(Row(prompt_ids=ids, params=p, max_new_tokens=n_new,
-                                 rng=np.random.default_rng(p.seed), seen=set(ids),
-                                 decoder=DecodeStream(skip_special_tokens=True)))
+        self.rows: list[Row | None] = [None] * size
+        for slot, (ids, p) in enumerate(zip(prompts, per_row, strict=True)):
+            self.rows[slot] = self._new_row(ids, p)
         self.timings = Timings()
-        self._started = False
-        self._last = np.zeros(len(self.rows), np.int64)  # [batch] token fed next step
-        self._active = np.ones(len(self.rows), bool)
-        self._all_plain_greedy = all(r.params.greedy and r.params.repetition_penalty == 1.0
-                                     for r in self.rows)
+        self._pending = len(prompts) > 0  # initial prompts wait for the first step
+        self._last = np.zeros(size, np.int64)  # [batch] token each slot feeds next step
+        self._active = np.zeros(size, bool)  # [batch] slots that decode next step
+
+    def _new_row(self, ids: Sequence[int], params: GenerationParams) -> Row:
+        ids, n_new = plan_row(ids, params, self.cache.capacity, self.model.manifest.vocab_size)
+        return Row(prompt_ids=ids, params=params, max_new_tokens=n_new,
+                   rng=np.random.default_rng(params.seed), seen=set(ids),
+                   decoder=DecodeStream(skip_special_tokens=True))
+
+    @property
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is None or (r.done and not self._active[i])]
 
     def is_done(self) -> bool:
-        return all(r.done for r in self.rows)
+        return not self._pending and not self._active.any()
+
+    def add(self, prompt_ids: Sequence[int], params: GenerationParams,
+            slot: int | None = None) -> int:
+        """Prefill a new row into a free slot and pick its first token; returns the slot.
+
+        Raises:
+            InvalidParameterError / PromptTooLongError: bad prompt or parameters.
+            RuntimeError: no free slot, or a layout without per-row caches.
+        """
+        if not self.cache.supports_slots:
+            raise RuntimeError("rows can join a running batch only with the fused layout")
+        if self._pending:
+            self._prefill_initial()
+        row = self._new_row(prompt_ids, params)
+        if slot is None:
+            free = self.free_slots
+            if not free:
+                raise RuntimeError("no free slot: release a finished row first")
+            slot = free[0]
+        t0 = time.perf_counter()
+        logits = self.cache.prefill([row.prompt_ids], first_slot=slot)
+        self.rows[slot] = row
+        self._take(slot, row, self._choose(logits[0], row, slot))
+        self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Stop a row now (finished or cancelled); its slot is free for ``add``."""
+        row = self.rows[slot]
+        if row is not None and not row.done:
+            row.finish_reason = FINISH_CANCELLED
+        self._active[slot] = False
+        self.rows[slot] = None
 
     def generate_next_token(self) -> np.ndarray:
-        """Run one model step (the prefill on the first call); return the token picked for
-        each row ([batch] int64, -1 for rows that had already finished)."""
+        """Run one model step (the prefill of the initial prompts on the first call); return
+        the token picked for each slot ([batch] int64, -1 where no row advanced)."""
+        if self._pending:
+            return self._prefill_initial()
+        if not self._active.any():
+            raise RuntimeError("generation is done; add a row or start a new Generator")
         t0 = time.perf_counter()
-        if not self._started:
-            self.cache.reset()
-            logits = self.cache.prefill([r.prompt_ids for r in self.rows])
-            self._started = True
-            picked = self._pick(logits)
-            self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
-        else:
-            if self.is_done():
-                raise RuntimeError("generation is done; start a new Generator")
-            logits = self.cache.decode(self._last, self._active)
-            picked = self._pick(logits)
-            self.timings.decode_ms.append((time.perf_counter() - t0) * 1e3)
+        logits = self.cache.decode(self._last, self._active)
+        picked = self._pick_all(logits, self._active.copy())
+        self.timings.decode_ms.append((time.perf_counter() - t0) * 1e3)
         return picked
 
-    def _pick(self, logits: np.ndarray) -> np.ndarray:
-        """[batch, vocab] -> [batch] next tokens; updates each row."""
-        if self._all_plain_greedy:
-            greedy = getattr(self.cache, "greedy_tokens", None)
-            chosen = greedy() if greedy is not None else np.argmax(logits, axis=-1)
-        else:
-            chosen = np.empty(len(self.rows), np.int64)
-            for i, row in enumerate(self.rows):
-                if row.done:
-                    continue
-                chosen[i] = self._pick_row(logits[i], row)
+    def _prefill_initial(self) -> np.ndarray:
+        self._pending = False
+        t0 = time.perf_counter()
+        n = sum(r is not None for r in self.rows)
+        logits = self.cache.prefill([r.prompt_ids for r in self.rows[:n] if r is not None])
+        mask = np.zeros(len(self.rows), bool)
+        mask[:n] = True
+        picked = self._pick_all(logits, mask)
+        self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
+        return picked
+
+    def _pick_all(self, logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """[rows, vocab] logits -> the next token of every slot in ``mask``."""
         picked = np.full(len(self.rows), -1, np.int64)
-        for i, row in enumerate(self.rows):
-            if row.done:
-                continue
-            token = int(chosen[i])
+        plain = all(r.params.greedy and r.params.repetition_penalty == 1.0
+                    for i, r in enumerate(self.rows) if mask[i] and r is not None)
+        device_argmax = getattr(self.cache, "greedy_tokens", None)
+        greedy = (device_argmax() if device_argmax is not None and len(logits) == len(self.rows)
+                  else np.argmax(logits, axis=-1)) if plain else None
+        for i in np.flatnonzero(mask):
+            row = self.rows[i]
+            assert row is not None
+            token = int(greedy[i]) if greedy is not None else self._choose(logits[i], row, i)
             picked[i] = token
-            self._last[i] = token
-            self._advance(row, token)
-            if row.done:
-                self._active[i] = False
+            self._take(i, row, token)
         return picked
 
-    def _pick_row(self, logits: np.ndarray, row: Row) -> int:
+    def _choose(self, logits: np.ndarray, row: Row, slot: int) -> int:
         p = row.params
         if p.repetition_penalty != 1.0:
             logits = logits.copy()  # the bound logits buffer is reused by the next step
@@ -177,6 +223,11 @@ class Generator:
             return int(np.argmax(logits))
         assert row.rng is not None
         return sample_token(logits, p, row.rng)
+
+    def _take(self, slot: int, row: Row, token: int) -> None:
+        self._last[slot] = token
+        self._advance(row, token)
+        self._active[slot] = not row.done
 
     def _advance(self, row: Row, token: int) -> None:
         row.token_ids.append(token)
@@ -202,6 +253,7 @@ class Generator:
         """Text of one row that is safe to show now: never a partial UTF-8 character, and
         never a tail that might still become a stop string. Advances the row's cursor."""
         row = self.rows[row_index]
+        assert row is not None, f"slot {row_index} holds no row"
         end = len(row.text)
         if not row.done and row.params.stop:
             end -= _stop_prefix_len(row.text, row.params.stop)

@@ -113,11 +113,14 @@ class Model:
         return list(prompt)
 
     def generator(self, prompts: Sequence[Prompt],
-                  params: GenerationParams | Sequence[GenerationParams] | None = None
-                  ) -> Generator:
-        """A step-level generator over one or more prompts (text or token ids)."""
+                  params: GenerationParams | Sequence[GenerationParams] | None = None,
+                  batch_size: int | None = None) -> Generator:
+        """A step-level generator over prompts (text or token ids); ``batch_size`` leaves
+        free slots for rows added later with ``Generator.add`` (fused layout)."""
+        if not prompts and batch_size is None:
+            raise InvalidParameterError("prompt", "no prompts given; pass at least one.")
         return Generator(self, [self._prompt_ids(p) for p in prompts],
-                         params if params is not None else GenerationParams())
+                         params if params is not None else GenerationParams(), batch_size)
 
     def generate_batch(self, prompts: Sequence[Prompt],
                        params: GenerationParams | Sequence[GenerationParams] | None = None

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny GPT-2 checkpoints built locally (no hub) and their exports.
+
+Checkpoints use the real GPT-2 tokenizer (tests/data/gpt2-tokenizer) so text round-trips
+as it would with `gpt2`; weights are random from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+TOKENIZER_DIR = DATA / "gpt2-tokenizer"
+EMBEDDED_MODEL = Path(__file__).parent.parent / "models" / "pydoc-tiny"
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
+# The full-size gpt2 (124M) architecture; random weights (no hub here).
+GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
+
+
+def build_checkpoint(folder: Path, seed: int = 0, **config: Any) -> Path:
+    """Save a random-weight GPT2LMHeadModel + the GPT-2 tokenizer into ``folder``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**{**TINY, **config})).eval()
+    model.save_pretrained(folder)
+    for f in TOKENIZER_DIR.iterdir():
+        if f.name != "README.md":
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """make_checkpoint(seed=0, **GPT2Config fields) -> a local checkpoint folder (cached)."""
+    made: dict[str, Path] = {}
+
+    def make(seed: int = 0, **config: Any) -> Path:
+        key = repr((seed, sorted(config.items())))
+        if key not in made:
+            made[key] = build_checkpoint(tmp_path_factory.mktemp("ckpt"), seed, **config)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
+    return make_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def export_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """export_folder(checkpoint, layout=..., precision=..., **options) -> model folder (cached)."""
+    from gpt2onnx.export.api import ExportOptions, export_model
+
+    made: dict[str, Path] = {}
+
+    def export(checkpoint: Path, **options: Any) -> Path:
+        key = repr((str(checkpoint), sorted(options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("export") / "model"
+            export_model(checkpoint, out, ExportOptions(**options))
+            made[key] = out
+        return made[key]
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def tiny_standard(tiny_checkpoint: Path, export_folder: Callable[..., Path]) -> Path:
+    return export_folder(tiny_checkpoint, layout="standard")
+
+
+@pytest.fixture(scope="session")
+def tiny_fused(tiny_checkpoint: Path, export_folder: Callable[..., Path]) -> Path:
+    return export_folder(tiny_checkpoint, layout="fused")
