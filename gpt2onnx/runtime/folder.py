@@ -102,7 +102,8 @@ def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
     """
     if provider not in PROVIDERS:
         raise ProviderUnavailableError(
-            f"provider {provider!r} is not one of {sorted(PROVIDERS)}; pass --provider cpu or cuda.")
+            f"provider {provider!r} is not one of {sorted(PROVIDERS)}; pass --provider cpu "
+            "or cuda.")
     available = ort.get_available_providers()
     if PROVIDERS[provider] not in available:
         raise ProviderUnavailableError(
