@@ -23,7 +23,8 @@ def _leftovers(parent: Path) -> list[str]:
 
 
 def test_failed_validation_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    impossible = validate.Thresholds(logits_rel=-1.0, cache_rel=1.0, top1=0.0, greedy_prefix=0)
+    impossible = validate.Thresholds(logits_rel=-1.0, cache_rel=1.0, top1=0.0, greedy=0.0,
+                                     greedy_exact=False)
     monkeypatch.setitem(validate.THRESHOLDS, "fp32", impossible)
     out = tmp_path / "model"
     with pytest.raises(ValidationError) as err:
@@ -37,7 +38,7 @@ def test_failed_validation_keeps_the_previous_export(tiny_checkpoint, tmp_path, 
     export_model(tiny_checkpoint, out, ExportOptions(layout="standard", validate=False))
     before = (out / "manifest.json").read_text()
     monkeypatch.setitem(validate.THRESHOLDS, "fp32",
-                        validate.Thresholds(-1.0, 1.0, 0.0, 0))
+                        validate.Thresholds(-1.0, 1.0, 0.0, 0.0, False))
     with pytest.raises(ValidationError):
         export_model(tiny_checkpoint, out, ExportOptions(layout="standard"))
     assert (out / "manifest.json").read_text() == before
