@@ -17,7 +17,7 @@ from tokenizers.decoders import DecodeStream
 
 from gpt2onnx.errors import InvalidParameterError, PromptTooLongError
 from gpt2onnx.runtime.params import GenerationParams
-from gpt2onnx.runtime.sampling import apply_repetition_penalty, sample_token
+from gpt2onnx.runtime.sampling import apply_repetition_penalty, log_softmax, sample_token
 
 if TYPE_CHECKING:
     from gpt2onnx.runtime.model import Model
@@ -25,6 +25,16 @@ if TYPE_CHECKING:
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (before penalties and
+    temperature, as vLLM reports by default) and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-prob), most likely first
 
 
 @dataclass
@@ -41,6 +51,7 @@ class Row:
     rng: np.random.Generator | None = None
     seen: set[int] = field(default_factory=set)
     decoder: DecodeStream | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry
 
     @property
     def done(self) -> bool:
@@ -162,9 +173,48 @@ class Generator:
         t0 = time.perf_counter()
         logits = self.cache.prefill([row.prompt_ids], first_slot=slot)
         self.rows[slot] = row
-        self._take(slot, row, self._choose(logits[0], row, slot))
+        token = self._choose(logits[0], row, slot)
+        _record_logprob(row, logits[0], token)
+        self._take(slot, row, token)
         self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
         return slot
+
+    def add_rows(self, prompts: Sequence[Sequence[int]], params: Sequence[GenerationParams]
+                 ) -> list[int]:
+        """``add`` for several rows at one step boundary: rows that land in adjacent free
+        slots share one prefill run. Returns their slots, in order. On failure no row is
+        left behind."""
+        if not self.cache.supports_slots:
+            raise RuntimeError("rows can join a running batch only with the fused layout")
+        if self._pending:
+            self._prefill_initial()
+        rows = [self._new_row(ids, p) for ids, p in zip(prompts, params, strict=True)]
+        free = self.free_slots
+        if len(rows) > len(free):
+            raise RuntimeError(f"{len(rows)} rows for {len(free)} free slots: release "
+                               "finished rows first")
+        slots = free[:len(rows)]
+        t0 = time.perf_counter()
+        start = 0
+        try:
+            while start < len(rows):
+                end = start + 1  # [start, end): rows whose slots are consecutive
+                while end < len(rows) and slots[end] == slots[end - 1] + 1:
+                    end += 1
+                logits = self.cache.prefill([r.prompt_ids for r in rows[start:end]],
+                                            first_slot=slots[start])
+                for k in range(start, end):
+                    self.rows[slots[k]] = rows[k]
+                    token = self._choose(logits[k - start], rows[k], slots[k])
+                    _record_logprob(rows[k], logits[k - start], token)
+                    self._take(slots[k], rows[k], token)
+                start = end
+        except BaseException:
+            for slot in slots[:start]:
+                self.release(slot)
+            raise
+        self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
+        return slots
 
     def release(self, slot: int) -> None:
         """Stop a row now (finished or cancelled); its slot is free for ``add``."""
@@ -210,6 +260,7 @@ class Generator:
             row = self.rows[i]
             assert row is not None
             token = int(greedy[i]) if greedy is not None else self._choose(logits[i], row, i)
+            _record_logprob(row, logits[i], token)
             picked[i] = token
             self._take(i, row, token)
         return picked
@@ -260,6 +311,21 @@ class Generator:
         piece = row.text[row.emitted:end]
         row.emitted = max(row.emitted, end)
         return piece
+
+
+def _record_logprob(row: Row, logits: np.ndarray, token: int) -> None:
+    """Keep the chosen token's log-prob and the top alternatives when the row asked for
+    them; read now because the bound logits buffer is overwritten by the next step."""
+    n_top = row.params.logprobs
+    if n_top is None:
+        return
+    logp = log_softmax(logits.astype(np.float32, copy=False))  # [vocab]
+    top: tuple[tuple[int, float], ...] = ()
+    if n_top:
+        ids = np.argpartition(logp, -n_top)[-n_top:]
+        ids = ids[np.argsort(-logp[ids], kind="stable")]
+        top = tuple((int(i), float(logp[i])) for i in ids)
+    row.logprobs.append(TokenLogprob(token, float(logp[token]), top))
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from gpt2onnx.errors import InvalidParameterError
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # top alternatives reported per token (vLLM's default cap)
 OVERFLOW_MODES = ("error", "truncate")
 
 
@@ -27,6 +28,8 @@ class GenerationParams:
         stop_on_eos: end a row when the model emits its EOS token.
         on_overflow: "error" refuses a prompt + max_new_tokens beyond the context;
             "truncate" keeps the prompt's last tokens and shortens max_new_tokens to fit.
+        logprobs: None records nothing; N >= 0 records, per generated token, its
+            log-probability and the N most likely alternatives (``Row.logprobs``).
     """
 
     max_new_tokens: int = 32
@@ -38,6 +41,7 @@ class GenerationParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_on_eos: bool = True
     on_overflow: str = "error"
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,6 +86,9 @@ class GenerationParams:
             if not isinstance(s, str) or not s:
                 raise InvalidParameterError(
                     "stop", f"stop strings must be non-empty strings, got {s!r}.")
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
+                 "ask for fewer alternatives, or None for no log-probs")
         if self.on_overflow not in OVERFLOW_MODES:
             raise InvalidParameterError(
                 "on_overflow", f"on_overflow must be one of {OVERFLOW_MODES}, got "

@@ -1,0 +1,81 @@
+"""python -m gpt2onnx.serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [options]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from gpt2onnx.errors import Gpt2OnnxError
+from gpt2onnx.runtime.folder import open_manifest
+from gpt2onnx.runtime.model import Model
+from gpt2onnx.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
+from gpt2onnx.serve.engine import Engine, EngineConfig
+
+API_KEY_ENV = "GPT2ONNX_API_KEY"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = EngineConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m gpt2onnx.serve",
+        description="Serve a model folder with an OpenAI-compatible API (/v1/completions).")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="cache slots: rows decoded together")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="requests that may wait while every slot is busy; more get 429")
+    p.add_argument("--timeout", type=float, default=d.request_timeout,
+                   help="seconds a request may take, queueing included (504 after)")
+    p.add_argument("--max-n", type=int, default=d.max_choices,
+                   help="choices per request (n x prompts)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the folder's name)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # The engine thread gets the GIL back after every model run (onnxruntime releases it);
+    # the default 5 ms switch interval can make it wait that long behind the event loop,
+    # as long as a whole decode step of a small model.
+    sys.setswitchinterval(0.001)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        open_manifest(args.model_dir, verify=False)  # fail now, not after binding the port
+        config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                              request_timeout=args.timeout, max_choices=args.max_n)
+    except Gpt2OnnxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = Engine(lambda: Model(args.model_dir, provider=args.provider,
+                                  threads=args.threads), config)
+    name = args.served_model_name or args.model_dir.resolve().name
+    app = create_app(engine, model_name=name, api_key=args.api_key,
+                     max_body_bytes=args.max_body_bytes, drain_timeout=args.shutdown_timeout)
+    # uvicorn stops accepting on SIGTERM, waits for open responses up to the timeout, then
+    # runs the app's shutdown, which drains or cancels what is left in the engine.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The HTTP face of an ``Engine``: OpenAI's /v1/completions and /v1/models, plus /health
+and /metrics. Nothing here runs the model; handlers only await the engine's output."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+from gpt2onnx.errors import InvalidParameterError
+from gpt2onnx.serve.completion import ChoiceDelta, Completion
+from gpt2onnx.serve.engine import Engine
+from gpt2onnx.serve.errors import (
+    PayloadTooLargeError,
+    QueueFullError,
+    ServeError,
+    UnauthorizedError,
+)
+from gpt2onnx.serve.protocol import (
+    CompletionCall,
+    CompletionFormatter,
+    error_event,
+    http_error,
+    parse_completion,
+)
+from gpt2onnx.serve.streams import AsyncStream
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Tokenizing a long prompt takes milliseconds: do it off the event loop, which serves
+# every other client's stream meanwhile.
+_PARSE_OFF_LOOP_BYTES = 16 << 10
+T = TypeVar("T")
+
+
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0,
+               manage_engine: bool = True) -> FastAPI:
+    """A FastAPI app serving ``engine``.
+
+    Args:
+        engine: the engine; started (model loaded in the background) and stopped by the
+            app's lifespan when ``manage_engine``.
+        model_name: the id clients pass as ``model`` and /v1/models lists.
+        api_key: when set, /v1/* requires ``Authorization: Bearer <api_key>``.
+        max_body_bytes: larger request bodies get 413.
+        drain_timeout: at shutdown, seconds in-flight requests may take to finish before
+            they are cancelled.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            engine.start()
+        yield
+        if manage_engine:
+            # Off the loop: streams still in flight keep receiving their last tokens.
+            await asyncio.to_thread(engine.stop, drain_timeout)
+
+    app = FastAPI(title="gpt2onnx", lifespan=lifespan, docs_url=None, redoc_url=None)
+    started = int(time.time())
+
+    @app.exception_handler(ServeError)
+    async def on_serve_error(request: Request, exc: ServeError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(InvalidParameterError)
+    async def on_invalid(request: Request, exc: InvalidParameterError) -> Response:
+        return error_response(http_error(exc))
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, exc: HTTPException) -> Response:
+        # Unknown paths and methods: the OpenAI shape too, so clients parse one format.
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                          "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.ready:
+            return JSONResponse({"status": "ok"})
+        body: dict[str, Any] = {"status": engine.status}
+        if engine.load_error is not None:
+            body["error"] = str(engine.load_error)
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        content, content_type = engine.metrics.render()
+        return Response(content, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        authorize(request, api_key)
+        card: dict[str, Any] = {"id": model_name, "object": "model", "created": started,
+                                "owned_by": "gpt2onnx"}
+        if engine.ready:
+            card["max_model_len"] = engine.model.context_length
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        try:  # refusals before the engine sees the request are counted here
+            authorize(request, api_key)
+            body = await read_body(request, max_body_bytes)
+            model = engine.model
+            args = (body, model, model_name, engine.max_choices)
+            call = (await asyncio.to_thread(parse_completion, *args)
+                    if len(body) > _PARSE_OFF_LOOP_BYTES else parse_completion(*args))
+        except ServeError as exc:
+            engine.metrics.outcome(exc.outcome)
+            raise
+        stream = engine.stream(call.request)  # raises QueueFullError etc. (engine counts)
+        formatter = CompletionFormatter(call, model.tokenizer)
+        streaming = False
+        try:
+            # The status line waits for the first token: an error before it (timeout,
+            # failed run) is still an HTTP error, not a 200 with an error inside.
+            first = await unless_disconnected(request, anext(stream))
+            if call.stream:
+                streaming = True  # from here on, SSEResponse cancels the request
+                return SSEResponse(sse_events(call, stream, first, formatter), stream)
+            completion = Completion(call.request)
+            completion.add(first)
+            await unless_disconnected(request, collect(stream, completion))
+            return JSONResponse(formatter.response(completion))
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            if not streaming:
+                stream.cancel()  # frees the slots of an abandoned request; no-op if finished
+
+    return app
+
+
+def error_response(exc: ServeError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, QueueFullError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
+
+
+def authorize(request: Request, api_key: str | None) -> None:
+    """Bearer-token check. Digests are compared, in constant time, so neither the key's
+    content nor its length leaks through timing."""
+    if api_key is None:
+        return
+    header = request.headers.get("authorization")
+    if not header:
+        raise UnauthorizedError("missing API key: send the header 'Authorization: Bearer KEY'.")
+    scheme, _, token = header.partition(" ")
+    given = hashlib.sha256(token.strip().encode()).digest()
+    if not (hmac.compare_digest(given, hashlib.sha256(api_key.encode()).digest())
+            and scheme.lower() == "bearer"):
+        raise UnauthorizedError("invalid API key.")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_large = PayloadTooLargeError(f"the request body is over the limit of {limit} bytes; "
+                                     "send a shorter prompt.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited for output."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first (then ``ClientGone``)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.cancelled():
+        return task.result()
+    raise ClientGone
+
+
+async def _disconnect(request: Request) -> None:
+    # The body is read already, so the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(stream: AsyncStream, completion: Completion) -> None:
+    async for deltas in stream:
+        completion.add(deltas)
+
+
+async def sse_events(call: CompletionCall, stream: AsyncStream, first: list[ChoiceDelta],
+                     formatter: CompletionFormatter) -> AsyncIterator[str]:
+    try:
+        yield formatter.chunks(first)
+        async for deltas in stream:
+            yield formatter.chunks(deltas)
+        if call.include_usage:
+            yield formatter.usage_chunk()
+    except ServeError as exc:
+        yield error_event(exc)
+    yield "data: [DONE]\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A server-sent-event stream that cancels its request however the response ends:
+    finished, failed, or cut off by the client disconnecting."""
+
+    def __init__(self, content: AsyncIterator[str], stream: AsyncStream) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.cancel()

@@ -1,0 +1,280 @@
+"""The OpenAI completions wire format.
+
+Request JSON -> ``CompletionCall`` (an ``EngineRequest`` plus how to shape the answer).
+Values are checked by the same ``GenerationParams`` and ``plan_row`` the Python API uses,
+so a 400 carries the message a Python caller would see, under the HTTP field's name.
+Engine output -> response JSON, or server-sent-event chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from gpt2onnx.errors import InvalidParameterError, PromptTooLongError
+from gpt2onnx.runtime.generator import TokenLogprob, plan_row
+from gpt2onnx.runtime.model import Model
+from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.serve.completion import (
+    ChoiceDelta,
+    Completion,
+    EngineRequest,
+    RowSpec,
+    derive_seed,
+)
+from gpt2onnx.serve.engine import check_choices
+from gpt2onnx.serve.errors import BadRequestError, ModelNotFoundError, ServeError
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# Runtime names -> the HTTP fields that set them.
+HTTP_FIELD = {"max_new_tokens": "max_tokens"}
+# OpenAI fields this server does not implement: accepted only at their neutral value.
+NEUTRAL = {"suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+           "logit_bias": (None, {})}
+
+
+@dataclass(frozen=True)
+class CompletionCall:
+    """One parsed POST /v1/completions."""
+
+    request: EngineRequest
+    model: str
+    created: int
+    n: int  # choices per prompt: choice i continues prompt i // n
+    prompt_texts: tuple[str, ...]  # for echo
+    stream: bool
+    echo: bool
+    include_usage: bool
+    logprobs: int | None
+
+
+def parse_completion(body: bytes, model: Model, served_name: str, max_choices: int
+                     ) -> CompletionCall:
+    """Validate a request body into a ``CompletionCall``.
+
+    Raises:
+        BadRequestError: invalid JSON, a wrong type, or a value out of range (400).
+        ModelNotFoundError: ``model`` names another model (404).
+    """
+    data = _json_object(body)
+    name = data.get("model")
+    if name is not None and name != served_name:
+        raise ModelNotFoundError(f"model {name!r} is not served here; GET /v1/models lists "
+                                 f"{served_name!r}.", "model")
+    for field, neutral in NEUTRAL.items():
+        if data.get(field) not in neutral:
+            raise BadRequestError(f"{field} is not supported by this server; leave it out.",
+                                  field, "unsupported")
+    n = _or_default(data, "n", 1)
+    _checked(check_choices, n, max_choices)
+    if data.get("best_of") not in (None, n):
+        raise BadRequestError(f"best_of must equal n ({n}) here; leave it out.", "best_of",
+                              "unsupported")
+    stream, echo = _bool(data, "stream"), _bool(data, "echo")
+    options = _or_default(data, "stream_options", {})
+    if not isinstance(options, dict):
+        raise BadRequestError(f"stream_options must be an object, got {options!r}.",
+                              "stream_options", "invalid_type")
+    include_usage = _bool(options, "include_usage", "stream_options.include_usage")
+    params = _params(data)
+    if echo and params.logprobs is not None:
+        raise BadRequestError("echo with logprobs needs the prompt's log-probs, which this "
+                              "server does not compute; drop echo or logprobs.", "echo",
+                              "unsupported")
+
+    prompts = _prompts(data)
+    if len(prompts) * n > max_choices:
+        raise BadRequestError(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} "
+                              f"choices; this server allows {max_choices} per request. Send "
+                              "fewer prompts per request.", "prompt")
+    rows: list[RowSpec] = []
+    texts: list[str] = []
+    for prompt in prompts:
+        ids = model.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids, _ = _checked(plan_row, ids, params, model.context_length,
+                          model.manifest.vocab_size)
+        texts.append(prompt if isinstance(prompt, str) else model.decode(ids))
+        rows += [RowSpec(tuple(ids), derive_seed(params, j)) for j in range(n)]
+    return CompletionCall(EngineRequest(tuple(rows)), served_name, int(time.time()), n,
+                          tuple(texts), stream, echo, include_usage, params.logprobs)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"the body is not valid JSON: {exc}.", None, "invalid_json") \
+            from exc
+    if not isinstance(data, dict):
+        raise BadRequestError("the body must be a JSON object.", None, "invalid_type")
+    return data
+
+
+def _or_default(data: dict[str, Any], key: str, default: Any) -> Any:
+    value = data.get(key)
+    return default if value is None else value
+
+
+def _bool(data: dict[str, Any], key: str, name: str | None = None) -> bool:
+    value = _or_default(data, key, False)
+    if not isinstance(value, bool):
+        name = name or key
+        raise BadRequestError(f"{name} must be true or false, got {value!r}.", name,
+                              "invalid_type")
+    return value
+
+
+def _params(data: dict[str, Any]) -> GenerationParams:
+    stop = _or_default(data, "stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list):
+        raise BadRequestError(f"stop must be a string or a list of strings, got {stop!r}.",
+                              "stop", "invalid_type")
+    return _checked(
+        GenerationParams,
+        max_new_tokens=_or_default(data, "max_tokens", DEFAULT_MAX_TOKENS),
+        temperature=_or_default(data, "temperature", 1.0),  # OpenAI samples by default
+        top_k=_or_default(data, "top_k", 0),
+        top_p=_or_default(data, "top_p", 1.0),
+        repetition_penalty=_or_default(data, "repetition_penalty", 1.0),
+        seed=data.get("seed"),
+        stop=tuple(stop),
+        stop_on_eos=not _bool(data, "ignore_eos"),  # vLLM's extension, for benchmarks
+        on_overflow=_or_default(data, "on_overflow", "error"),
+        logprobs=data.get("logprobs"),
+    )
+
+
+def _prompts(data: dict[str, Any]) -> list[str | list[int]]:
+    """``prompt``: a string, a list of token ids, or a list of either (one per prompt)."""
+    if "prompt" not in data or data["prompt"] is None:
+        raise BadRequestError("prompt is required: a string or a list of token ids.",
+                              "prompt", "missing")
+    prompt = data["prompt"]
+    if isinstance(prompt, str) or _is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        return list(prompt)
+    raise BadRequestError("prompt must be a string, a list of integer token ids, or a list "
+                          f"of those; got {_short(prompt)}.", "prompt", "invalid_type")
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _checked(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a runtime validator; its InvalidParameterError becomes a 400 that names the
+    HTTP field."""
+    try:
+        return fn(*args, **kwargs)
+    except InvalidParameterError as exc:
+        raise http_error(exc) from exc
+
+
+def http_error(exc: InvalidParameterError) -> BadRequestError:
+    """A runtime validation error as the 400 the server answers, under HTTP field names."""
+    message = str(exc)
+    for name, field in HTTP_FIELD.items():
+        message = message.replace(name, field)
+    code = "context_length_exceeded" if isinstance(exc, PromptTooLongError) else None
+    return BadRequestError(message, HTTP_FIELD.get(exc.param, exc.param), code)
+
+
+# ---- responses -------------------------------------------------------------------------
+
+
+class CompletionFormatter:
+    """Turns one call's engine output into OpenAI JSON (whole, or SSE chunk by chunk)."""
+
+    def __init__(self, call: CompletionCall, tokenizer: Tokenizer) -> None:
+        self.call = call
+        self.tokenizer = tokenizer
+        self.started: set[int] = set()  # choices whose first chunk went out (echo)
+        self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
+        self.completion_tokens = 0
+
+    def _head(self) -> dict[str, Any]:
+        c = self.call
+        return {"id": c.request.request_id, "object": "text_completion", "created": c.created,
+                "model": c.model}
+
+    def _prefix(self, index: int) -> str:
+        if not self.call.echo or index in self.started:
+            return ""
+        return self.call.prompt_texts[index // self.call.n]
+
+    def _choice(self, d: ChoiceDelta) -> dict[str, Any]:
+        text = self._prefix(d.index) + d.text
+        self.started.add(d.index)
+        lp = self._logprobs(d.index, d.logprobs) if self.call.logprobs is not None else None
+        return {"index": d.index, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}
+
+    def _logprobs(self, index: int, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+        tokens, offsets = [], []
+        offset = self.offsets.get(index, 0)
+        for e in entries:
+            piece = self._token_text(e.token_id)
+            tokens.append(piece)
+            offsets.append(offset)
+            offset += len(piece)
+        self.offsets[index] = offset
+        # OpenAI always lists the sampled token among the alternatives (up to N + 1).
+        top = [{**{self._token_text(t): lp for t, lp in e.top},
+                self._token_text(e.token_id): e.logprob} for e in entries]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": top, "text_offset": offsets}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def response(self, completion: Completion) -> dict[str, Any]:
+        """The non-streaming body."""
+        choices = [self._choice(d) for d in completion.choices]
+        return {**self._head(), "choices": choices, "usage": _usage(completion.prompt_tokens,
+                                                                    completion.completion_tokens),
+                "system_fingerprint": None}
+
+    def chunks(self, deltas: Sequence[ChoiceDelta]) -> str:
+        """SSE events for one read of the engine: one chunk per choice, as OpenAI sends."""
+        events = []
+        for d in deltas:
+            self.completion_tokens += len(d.token_ids)
+            chunk = {**self._head(), "choices": [self._choice(d)]}
+            if self.call.include_usage:
+                chunk["usage"] = None
+            events.append(sse(chunk))
+        return "".join(events)
+
+    def usage_chunk(self) -> str:
+        """With ``stream_options.include_usage``: the last chunk, with no choices."""
+        usage = _usage(self.call.request.prompt_tokens, self.completion_tokens)
+        return sse({**self._head(), "choices": [], "usage": usage})
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"),
+                                                                  ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def error_event(exc: ServeError) -> str:
+    """An error after the stream started (the status line is already 200), as vLLM sends."""
+    return sse(exc.to_body())
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,151 @@
+"""Every bad input gets a 4xx in the OpenAI error shape, naming the field; values the
+runtime validates carry the runtime's own message (one validation path)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gpt2onnx.errors import InvalidParameterError
+from gpt2onnx.runtime import GenerationParams
+from gpt2onnx.runtime.generator import plan_row
+from gpt2onnx.serve import Engine
+from tests.serve.helpers import make_app
+
+CONTEXT, VOCAB = 128, 50257
+
+
+@pytest.fixture(scope="module")
+def client(module_engine: Engine) -> Iterator[TestClient]:
+    with TestClient(make_app(module_engine, max_body_bytes=4096)) as c:
+        yield c
+
+
+def runtime_message(prompt: list[int] | None = None, **params: Any) -> str:
+    """What the Python API says for the same mistake, under the HTTP field names."""
+    with pytest.raises(InvalidParameterError) as info:
+        p = GenerationParams(**params)
+        plan_row(prompt if prompt is not None else [1], p, CONTEXT, VOCAB)
+    return str(info.value).replace("max_new_tokens", "max_tokens")
+
+
+def assert_error(r: Any, status: int, param: str | None, message: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    if message is not None:
+        assert error["message"] == message
+    return error
+
+
+# (body, param, the runtime call that must give the same message, or None)
+CASES: list[tuple[str, dict[str, Any], str, dict[str, Any] | None]] = [
+    ("prompt not text or ids", {"prompt": 5}, "prompt", None),
+    ("prompt mixes types", {"prompt": [1, "a"]}, "prompt", None),
+    ("prompt of booleans", {"prompt": [True]}, "prompt", None),
+    ("missing prompt", {"max_tokens": 3}, "prompt", None),
+    ("empty prompt", {"prompt": ""}, "prompt", {"prompt": []}),
+    ("empty id list", {"prompt": []}, "prompt", {"prompt": []}),
+    ("prompt beyond the context", {"prompt": [1] * (CONTEXT + 1)}, "prompt",
+     {"prompt": [1] * (CONTEXT + 1), "max_new_tokens": 16}),
+    ("prompt + max_tokens beyond the context", {"prompt": [1] * 100, "max_tokens": 50},
+     "max_tokens", {"prompt": [1] * 100, "max_new_tokens": 50}),
+    ("token id above the vocabulary", {"prompt": [1, VOCAB]}, "prompt", {"prompt": [1, VOCAB]}),
+    ("negative token id", {"prompt": [-1]}, "prompt", {"prompt": [-1]}),
+    ("max_tokens < 1", {"prompt": "Hi", "max_tokens": 0}, "max_tokens", {"max_new_tokens": 0}),
+    ("max_tokens a string", {"prompt": "Hi", "max_tokens": "5"}, "max_tokens",
+     {"max_new_tokens": "5"}),
+    ("max_tokens a float", {"prompt": "Hi", "max_tokens": 2.5}, "max_tokens",
+     {"max_new_tokens": 2.5}),
+    ("temperature < 0", {"prompt": "Hi", "temperature": -0.5}, "temperature",
+     {"temperature": -0.5}),
+    ("temperature a string", {"prompt": "Hi", "temperature": "hot"}, "temperature",
+     {"temperature": "hot"}),
+    ("top_p 0", {"prompt": "Hi", "top_p": 0}, "top_p", {"top_p": 0}),
+    ("top_p above 1", {"prompt": "Hi", "top_p": 1.5}, "top_p", {"top_p": 1.5}),
+    ("negative top_k", {"prompt": "Hi", "top_k": -1}, "top_k", {"top_k": -1}),
+    ("top_k a float", {"prompt": "Hi", "top_k": 1.5}, "top_k", {"top_k": 1.5}),
+    ("repetition_penalty 0", {"prompt": "Hi", "repetition_penalty": 0}, "repetition_penalty",
+     {"repetition_penalty": 0}),
+    ("negative seed", {"prompt": "Hi", "seed": -1}, "seed", {"seed": -1}),
+    ("too many stop strings", {"prompt": "Hi", "stop": ["x"] * 17}, "stop",
+     {"stop": ("x",) * 17}),
+    ("empty stop string", {"prompt": "Hi", "stop": [""]}, "stop", {"stop": ("",)}),
+    ("stop not text", {"prompt": "Hi", "stop": 5}, "stop", None),
+    ("stop list of numbers", {"prompt": "Hi", "stop": [5]}, "stop", {"stop": (5,)}),
+    ("n above its limit", {"prompt": "Hi", "n": 9}, "n", None),
+    ("n 0", {"prompt": "Hi", "n": 0}, "n", None),
+    ("n a string", {"prompt": "Hi", "n": "2"}, "n", None),
+    ("prompts x n above the limit", {"prompt": ["a", "b", "c"], "n": 3}, "prompt", None),
+    ("logprobs above its limit", {"prompt": "Hi", "logprobs": 21}, "logprobs",
+     {"logprobs": 21}),
+    ("logprobs a string", {"prompt": "Hi", "logprobs": "2"}, "logprobs", {"logprobs": "2"}),
+    ("stream not a bool", {"prompt": "Hi", "stream": "yes"}, "stream", None),
+    ("echo not a bool", {"prompt": "Hi", "echo": 1}, "echo", None),
+    ("stream_options not an object", {"prompt": "Hi", "stream_options": 1}, "stream_options",
+     None),
+    ("include_usage not a bool", {"prompt": "Hi", "stream_options": {"include_usage": 1}},
+     "stream_options.include_usage", None),
+    ("echo with logprobs", {"prompt": "Hi", "echo": True, "logprobs": 1}, "echo", None),
+    ("unsupported suffix", {"prompt": "Hi", "suffix": "end"}, "suffix", None),
+    ("unsupported presence_penalty", {"prompt": "Hi", "presence_penalty": 0.5},
+     "presence_penalty", None),
+    ("best_of above n", {"prompt": "Hi", "best_of": 2}, "best_of", None),
+    ("unknown on_overflow", {"prompt": "Hi", "on_overflow": "wrap"}, "on_overflow",
+     {"on_overflow": "wrap"}),
+]
+
+
+@pytest.mark.parametrize("body, param, same_as",
+                         [pytest.param(b, p, s, id=name) for name, b, p, s in CASES])
+def test_bad_field_gets_400_naming_it(client: TestClient, body: dict[str, Any], param: str,
+                                      same_as: dict[str, Any] | None) -> None:
+    message = runtime_message(**same_as) if same_as is not None else None
+    error = assert_error(client.post("/v1/completions", json=body), 400, param, message)
+    assert error["message"].endswith(".")
+
+
+@pytest.mark.parametrize("raw, param", [
+    ('{"prompt": "Hi",', None),
+    ("[1, 2]", None),
+    ("\xff\xfe", None),
+    ('{"prompt": "Hi", "temperature": NaN}', "temperature"),
+    ('{"prompt": "Hi", "temperature": Infinity}', "temperature"),
+    ('{"prompt": "Hi", "top_p": -Infinity}', "top_p"),
+], ids=["truncated JSON", "not an object", "not UTF-8", "NaN temperature",
+        "infinite temperature", "infinite top_p"])
+def test_malformed_json_and_non_finite_numbers(client: TestClient, raw: str,
+                                               param: str | None) -> None:
+    content = raw.encode("latin-1")
+    r = client.post("/v1/completions", content=content,
+                    headers={"content-type": "application/json"})
+    error = assert_error(r, 400, param)
+    if param is None:
+        assert error["code"] in ("invalid_json", "invalid_type")
+    else:
+        assert "must be finite" in error["message"]
+
+
+def test_context_errors_say_context_length_exceeded(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"prompt": [1] * 100, "max_tokens": 50})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert "at most 28 new tokens" in r.json()["error"]["message"]
+
+
+def test_body_over_the_limit_gets_413(client: TestClient) -> None:
+    body = json.dumps({"prompt": "x" * 5000}).encode()
+    assert_error(client.post("/v1/completions", content=body), 413, None)
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: refused while reading
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    assert_error(client.post("/v1/completions", content=chunked()), 413, None)
