@@ -17,13 +17,13 @@ TOKENS    ?= 40
 PORT      ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run export generate test test-slow lint bench bench-smoke serve tiny-model kvmem clean
+.PHONY: setup run export generate test test-slow lint bench bench-setup bench-smoke serve serve-ray tiny-model kvmem clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[export,serve,bench,dev]'
+	$(BIN)/pip install -q -e '.[export,serve,ray,bench,dev]'
 	touch $@
 
 setup: $(STAMP)
@@ -52,7 +52,23 @@ test-slow: setup
 lint: setup
 	$(BIN)/ruff check gpt2onnx tests tools
 
-bench: setup
+# optimum-onnx (the peer the bench compares against) needs transformers < 4.58, so it gets
+# its own venv; torch goes in first by exact version (the CPU wheel), as in .venv.
+OPT_VENV  := .venv-optimum
+OPT_STAMP := $(OPT_VENV)/.installed
+
+$(OPT_STAMP):
+	$(PYTHON) -m venv $(OPT_VENV)
+	$(OPT_VENV)/bin/pip install -q --upgrade pip
+	$(OPT_VENV)/bin/pip install -q $(TORCH)
+	$(OPT_VENV)/bin/pip install -q 'optimum-onnx[onnxruntime]==0.1.0' 'transformers>=4.36,<4.58' \
+		accelerate psutil
+	touch $@
+
+bench-setup: setup $(OPT_STAMP)
+
+# The full bench (gpt2 architecture, every variant; ~20-30 min on 2 cores).
+bench: bench-setup
 	$(BIN)/python -m gpt2onnx.bench
 
 bench-smoke: setup
@@ -60,6 +76,10 @@ bench-smoke: setup
 
 serve: setup
 	$(BIN)/python -m gpt2onnx.serve $(OUT) --port $(PORT)
+
+REPLICAS ?= 2
+serve-ray: setup
+	$(BIN)/python -m gpt2onnx.serve.ray $(OUT) --replicas $(REPLICAS) --port $(PORT)
 
 kvmem: setup
 	$(BIN)/python -m gpt2onnx.kvmem

@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     ray_args, rest = ray_parser().parse_known_args(argv)
     serve_args = single_machine.parse_args(rest)  # exits 2 with its usage on a bad option
     args = {key: getattr(serve_args, key) for key in SERVE_OPTIONS}
+    # The folder as seen from here: replicas on this machine or any other use this path.
+    args["model_dir"] = serve_args.model_dir.resolve()
     args.update({key: getattr(ray_args, key) for key in RAY_OPTIONS})
     ray_args.host, ray_args.port, ray_args.log_level = (serve_args.host, serve_args.port,
                                                         serve_args.log_level)

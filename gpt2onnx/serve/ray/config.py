@@ -29,7 +29,8 @@ class ReplicaConfig:
     """What every replica loads and how it answers: one engine over ``model_dir``.
 
     Args:
-        model_dir: absolute path of the model folder, the same on every node.
+        model_dir: the model folder: an absolute path, the same on every node, or a path
+            relative to each replica's working directory.
         model_name: the id clients pass as ``model`` and /v1/models lists.
         provider: "cpu" or "cuda" (the replica then reserves a GPU).
         threads: onnxruntime intra-op threads; None: onnxruntime's choice.
@@ -128,7 +129,9 @@ def configs_from_args(args: Mapping[str, Any]) -> tuple[ReplicaConfig, ScalingCo
     if a["model_dir"] is None:
         raise InvalidParameterError("model_dir", "model_dir is required: the path of the "
                                     "model folder, the same on every node.")
-    model_dir = Path(os.fspath(a["model_dir"])).expanduser().resolve()
+    # A relative path stays relative: each replica resolves it against its own working
+    # directory, which is the unpacked copy when the app's runtime_env has a working_dir.
+    model_dir = Path(os.fspath(a["model_dir"])).expanduser()
     num_cpus = _number(a, "num_cpus_per_replica", low=0.0)
     num_gpus = _number(a, "num_gpus_per_replica", low=0.0)
     provider = a["provider"]
@@ -153,7 +156,8 @@ def configs_from_args(args: Mapping[str, Any]) -> tuple[ReplicaConfig, ScalingCo
     engine = EngineConfig(max_batch_size=a["max_batch_size"], max_queue=a["max_queue"],
                           request_timeout=a["timeout"], max_choices=a["max_n"])
     replica = ReplicaConfig(
-        model_dir=str(model_dir), model_name=a["served_model_name"] or model_dir.name,
+        model_dir=str(model_dir),
+        model_name=a["served_model_name"] or model_dir.resolve().name,
         provider=provider, threads=threads, engine=engine,
         api_key=a["api_key"] if a["api_key"] is not None else os.environ.get(API_KEY_ENV),
         max_body_bytes=_integer(a, "max_body_bytes", low=1),
