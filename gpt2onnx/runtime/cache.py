@@ -26,6 +26,7 @@ from gpt2onnx.contract import (
 from gpt2onnx.errors import PromptTooLongError
 
 _NP = {"float32": np.float32, "float16": np.float16}
+CUDA_GRAPH_ID = "gpu_graph_id"  # onnxruntime run option: which captured CUDA graph to use
 
 
 class StandardCache:
@@ -119,7 +120,7 @@ class FusedCache:
     supports_slots = True
 
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, batch_size: int,
-                 device: tuple[str, int]) -> None:
+                 device: tuple[str, int], cuda_graph: bool = False) -> None:
         m = manifest
         assert m.max_length is not None, "fused manifests always carry max_length"
         self.session = session
@@ -134,6 +135,7 @@ class FusedCache:
         self._host_memory: list[np.ndarray] = []  # keeps CPU buffers alive
         self.buffers = [self._alloc(shape, self.dtype) for _ in self.names]
         self.lengths = np.zeros(batch_size, np.int64)  # tokens held by each slot
+        self._step_lengths = np.zeros(batch_size, np.int64)  # decode scratch: active lengths
 
         # Decode-step IO, allocated once. On the CPU the numpy arrays *are* the bound
         # memory, so writing them is the whole update; on CUDA they are host staging.
@@ -163,6 +165,15 @@ class FusedCache:
         b.bind_ortvalue_output(LOGITS, self._logits_v)
         b.bind_ortvalue_output(NEXT_TOKEN, self._next_v)
         self.on_cpu = self.device_type == "cpu"
+
+        # CUDA graphs (session built with enable_cuda_graph): decode steps have static
+        # shapes and fixed bound addresses, so each batch size captures one graph and
+        # replays it; a prefill has a new shape every time and runs eagerly (id -1).
+        self.decode_options = ort.RunOptions()
+        self.prefill_options = ort.RunOptions()
+        if cuda_graph:
+            self.decode_options.add_run_config_entry(CUDA_GRAPH_ID, str(batch_size))
+            self.prefill_options.add_run_config_entry(CUDA_GRAPH_ID, "-1")
 
     def _alloc(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
         if self.device_type == "cpu":
@@ -220,7 +231,7 @@ class FusedCache:
         binding.bind_cpu_input(SEQLENS_K, (lens - 1).astype(np.int32))
         binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(longest, np.int32))
         self._bind_slot_views(binding, first_slot, n)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self.prefill_options)
         self.lengths[first_slot:first_slot + n] = lens
         return self.last_logits()[first_slot:first_slot + n]
 
@@ -229,22 +240,28 @@ class FusedCache:
 
         Inactive rows (free or finished slots) ride along at length 0 and are not advanced.
         """
+        # Written into the preallocated (bound) arrays with out=: no numpy temporaries per
+        # step. Inactive rows get length 0 and token 0.
+        lengths = self._step_lengths  # [batch]
         if active is None:
-            active = np.ones(self.batch_size, bool)
-        lengths = np.where(active, self.lengths, 0)
-        if int(lengths.max()) >= self.capacity:
+            lengths[:] = self.lengths
+            self.ids[:, 0] = tokens
+        else:
+            np.multiply(self.lengths, active, out=lengths)
+            np.multiply(tokens, active, out=self.ids[:, 0])
+        longest = int(lengths.max())
+        if longest >= self.capacity:
             raise PromptTooLongError("max_new_tokens", f"a row reached the cache's capacity of "
                                      f"{self.capacity} tokens; ask for fewer new tokens.")
-        self.ids[:, 0] = np.where(active, tokens, 0)
         self.positions[:, 0] = lengths
         self.seqlens[:] = lengths
-        self.total[...] = lengths.max() + 1
+        self.total[...] = longest + 1
         if not self.on_cpu:
             self._ids_v.update_inplace(self.ids)
             self._pos_v.update_inplace(self.positions)
             self._seq_v.update_inplace(self.seqlens)
-        self.session.run_with_iobinding(self.decode_binding)
-        self.lengths += active
+        self.session.run_with_iobinding(self.decode_binding, self.decode_options)
+        self.lengths += 1 if active is None else active
         return self.last_logits()
 
     def row_kv(self, index: int, row: int) -> np.ndarray:

@@ -6,6 +6,7 @@ The runtime learns everything from here; nothing about a model is guessed later.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import onnxruntime as ort
@@ -26,6 +27,7 @@ from gpt2onnx.contract import (
 from gpt2onnx.errors import ModelFolderError, ProviderUnavailableError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+SPIN_ENV = "GPT2ONNX_SPIN"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
@@ -115,11 +117,7 @@ def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
             f"this folder was exported for the {manifest.provider!r} provider "
             f"(precision {manifest.precision}, layout {manifest.layout}); export another with "
             f"`--provider {provider}` or run it with provider={manifest.provider!r}.")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts = session_options(threads)
     if profile:
         opts.enable_profiling = True
     provider_options: dict[str, str] = {}
@@ -129,6 +127,7 @@ def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
         if cuda_graph:
             provider_options["enable_cuda_graph"] = "1"
     graph = Path(folder) / manifest.graph_file
+    _fix_mmap_threshold()
     try:
         session = ort.InferenceSession(str(graph), sess_options=opts,
                                        providers=[(PROVIDERS[provider], provider_options)])
@@ -136,6 +135,59 @@ def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
         raise ModelFolderError(f"onnxruntime cannot load {graph}: {exc}") from exc
     _check_io(graph, manifest, session)
     return session
+
+
+_MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def _fix_mmap_threshold() -> None:
+    """Have glibc serve allocations >= 1 MiB with mmap, so that freeing them returns the
+    memory to the OS.
+
+    Loading a graph frees hundreds of MB of protobuf buffers while the weights are copied
+    and prepacked. glibc's default mmap threshold adapts upwards after such frees, after
+    which multi-MB weight tensors come from the heap and the freed buffers stay resident:
+    about half of the gpt2 fp32 loads on the bench machine then peaked at 910 MB instead of
+    700 MB. Decode allocates from onnxruntime's arena, not malloc, so steps do not pay for
+    this. Skipped where the user set MALLOC_MMAP_THRESHOLD_ or libc is not glibc.
+    """
+    global _MMAP_THRESHOLD
+    if not _MMAP_THRESHOLD or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    threshold, _MMAP_THRESHOLD = _MMAP_THRESHOLD, 0  # once per process
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def session_options(threads: int | None = None, spinning: bool | None = None
+                    ) -> ort.SessionOptions:
+    """The session options of every gpt2onnx session (and of the bench's GEMV floor, so
+    that the floor is measured under the same settings).
+
+    Args:
+        threads: intra-op threads (default: onnxruntime's choice, one per physical core).
+        spinning: let idle intra-op threads busy-wait for work (default: off, unless the
+            environment sets GPT2ONNX_SPIN=1). On a CPU shared with other processes, a
+            spinning thread takes the core the next kernel's other half needs: decode was
+            1.7x slower with spinning on the shared 2-core bench machine (median of 94
+            interleaved rounds, bench/results/history.md). A dedicated machine may gain a
+            little with it on.
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if spinning is None:
+        spinning = os.environ.get(SPIN_ENV, "0") == "1"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return opts
 
 
 def _check_io(graph: Path, manifest: Manifest, session: ort.InferenceSession) -> None:

@@ -56,6 +56,11 @@ class Model:
                  verify: bool = True, cuda_graph: bool = False) -> None:
         self.folder = Path(folder)
         self.provider = provider
+        if cuda_graph and provider != "cuda":
+            raise InvalidParameterError(
+                "cuda_graph", f"cuda_graph=True needs provider='cuda', got {provider!r}; CUDA "
+                "graphs replay GPU kernels only.")
+        self.cuda_graph = cuda_graph
         self.manifest: Manifest = open_manifest(self.folder, verify=verify)
         tok_path = self.folder / self.manifest.tokenizer_file
         try:
@@ -92,7 +97,7 @@ class Model:
             return StandardCache(self.session, self.manifest, batch_size, self.device, self.pad_id)
         if batch_size not in self._caches:
             self._caches[batch_size] = FusedCache(self.session, self.manifest, batch_size,
-                                                  self.device)
+                                                  self.device, cuda_graph=self.cuda_graph)
         return self._caches[batch_size]
 
     def encode(self, text: str) -> list[int]:

@@ -88,3 +88,24 @@ def test_continuous_batching_joins_and_leaves(tiny_fused):
         gen.generate_next_token()
     assert gen.rows[a].token_ids == solo["Hello world"]
     assert gen.rows[c].token_ids == solo["Why"]
+
+
+def test_cuda_graph_options_are_static_per_batch_size(tiny_fused):
+    """What can be checked without a GPU: decode steps ask for one captured graph per batch
+    size, prefill runs eagerly, and decode keeps fixed shapes and bound addresses."""
+    import pytest
+
+    from gpt2onnx.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="cuda_graph=True needs provider='cuda'"):
+        Model(tiny_fused, cuda_graph=True)
+    model = Model(tiny_fused)
+    cache = FusedCache(model.session, model.manifest, 4, model.device, cuda_graph=True)
+    assert cache.decode_options.get_run_config_entry("gpu_graph_id") == "4"
+    assert cache.prefill_options.get_run_config_entry("gpu_graph_id") == "-1"
+    cache.prefill([[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]])
+    shapes = [v.shape() for v in cache.decode_binding.get_outputs()]
+    for _ in range(3):
+        cache.decode(np.array([1, 2, 3, 4], np.int64))
+        assert [v.shape() for v in cache.decode_binding.get_outputs()] == shapes
+    assert cache.lengths.tolist() == [6, 4, 5, 7]
