@@ -171,6 +171,8 @@ class FusedCache:
         # replays it; a prefill has a new shape every time and runs eagerly (id -1).
         self.decode_options = ort.RunOptions()
         self.prefill_options = ort.RunOptions()
+        self._prefix_bindings: dict[int, tuple[ort.IOBinding, ort.RunOptions]] = {}
+        self.cuda_graph = cuda_graph
         if cuda_graph:
             self.decode_options.add_run_config_entry(CUDA_GRAPH_ID, str(batch_size))
             self.prefill_options.add_run_config_entry(CUDA_GRAPH_ID, "-1")
@@ -260,9 +262,35 @@ class FusedCache:
             self._ids_v.update_inplace(self.ids)
             self._pos_v.update_inplace(self.positions)
             self._seq_v.update_inplace(self.seqlens)
-        self.session.run_with_iobinding(self.decode_binding, self.decode_options)
+        # Rows past the last active slot are not run at all: a lone request on a big cache,
+        # or a batch whose tail rows finished, pays only for the rows up to the last one
+        # still going (the generator and the server fill the lowest free slots first).
+        rows = self.batch_size if active is None else int(np.flatnonzero(active)[-1]) + 1
+        binding, options = self._decode_binding(rows)
+        self.session.run_with_iobinding(binding, options)
         self.lengths += 1 if active is None else active
         return self.last_logits()
+
+    def _decode_binding(self, rows: int) -> tuple[ort.IOBinding, ort.RunOptions]:
+        """The decode binding over slots [0, rows): the full one, or a prefix view of every
+        buffer, made once per row count and reused (fixed addresses, as CUDA graphs need)."""
+        if rows == self.batch_size:
+            return self.decode_binding, self.decode_options
+        if rows not in self._prefix_bindings:
+            m = self.manifest
+            b = self.session.io_binding()
+            dev, dev_id = self.device_type, self.device_id
+            b.bind_input(INPUT_IDS, dev, dev_id, np.int64, [rows, 1], self._ids_v.data_ptr())
+            b.bind_input(POSITION_IDS, dev, dev_id, np.int64, [rows, 1], self._pos_v.data_ptr())
+            b.bind_input(SEQLENS_K, dev, dev_id, np.int32, [rows], self._seq_v.data_ptr())
+            b.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self._total_v)
+            self._bind_slot_views(b, 0, rows)
+            options = ort.RunOptions()
+            if self.cuda_graph:
+                # A graph per (batch size, row count): ids must be unique per session.
+                options.add_run_config_entry(CUDA_GRAPH_ID, str(self.batch_size * 4096 + rows))
+            self._prefix_bindings[rows] = (b, options)
+        return self._prefix_bindings[rows]
 
     def row_kv(self, index: int, row: int) -> np.ndarray:
         """Host copy of one row's cache for ``cache_names()[index]``: [n_head, len, head_dim]
