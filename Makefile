@@ -7,6 +7,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+# optimum-onnx (the peer we compare with and stay compatible with) needs transformers
+# < 4.58, so it gets its own venv; the tests use it too (optimum folders, transformers 4.57).
+OPT_VENV  := .venv-optimum
+OPT_STAMP := $(OPT_VENV)/.installed
 
 MODEL     ?= models/pydoc-tiny
 OUT       ?= models/pydoc-tiny-onnx
@@ -17,7 +21,7 @@ TOKENS    ?= 40
 PORT      ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run export generate test test-slow lint bench bench-setup bench-smoke serve serve-ray tiny-model kvmem clean
+.PHONY: setup run export generate test test-slow lint bench bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +45,7 @@ generate: setup
 	$(BIN)/python -m gpt2onnx.runtime.generate $(OUT) --prompt "$(PROMPT)" --max-new-tokens $(TOKENS)
 
 # pytest exits 5 when it collects nothing (e.g. a -k that matches no test): not a failure.
-test: setup
+test: setup $(OPT_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
@@ -54,9 +58,6 @@ lint: setup
 
 # optimum-onnx (the peer the bench compares against) needs transformers < 4.58, so it gets
 # its own venv; torch goes in first by exact version (the CPU wheel), as in .venv.
-OPT_VENV  := .venv-optimum
-OPT_STAMP := $(OPT_VENV)/.installed
-
 $(OPT_STAMP):
 	$(PYTHON) -m venv $(OPT_VENV)
 	$(OPT_VENV)/bin/pip install -q --upgrade pip
@@ -83,6 +84,10 @@ serve-ray: setup
 
 kvmem: setup
 	$(BIN)/python -m gpt2onnx.kvmem
+
+# Held-out perplexity and top-1 agreement of every exported precision -> the model card.
+model-card: setup
+	$(BIN)/python tools/evaluate_precisions.py --model $(MODEL)
 
 tiny-model: setup
 	$(BIN)/python tools/train_tiny_model.py --out $(MODEL)

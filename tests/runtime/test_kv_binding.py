@@ -109,3 +109,20 @@ def test_cuda_graph_options_are_static_per_batch_size(tiny_fused):
         cache.decode(np.array([1, 2, 3, 4], np.int64))
         assert [v.shape() for v in cache.decode_binding.get_outputs()] == shapes
     assert cache.lengths.tolist() == [6, 4, 5, 7]
+
+
+def test_decode_runs_only_up_to_the_last_active_slot(tiny_fused):
+    """A lone row on a wide cache runs a one-row step through prefix views of the same
+    buffers, and gets exactly the tokens it gets alone."""
+    model = Model(tiny_fused)
+    params = GenerationParams(max_new_tokens=8, stop_on_eos=False)
+    alone = model.generate("Hello world", params).token_ids
+    gen = model.generator([], params, batch_size=4)
+    slot = gen.add(model.encode("Hello world"), params)
+    assert slot == 0
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert gen.rows[slot].token_ids == alone
+    binding, _ = gen.cache._prefix_bindings[1]
+    assert {v.data_ptr() for v in binding.get_outputs()} >= {b.data_ptr()
+                                                             for b in gen.cache.buffers}
