@@ -277,7 +277,6 @@ class FusedCache:
         if rows == self.batch_size:
             return self.decode_binding, self.decode_options
         if rows not in self._prefix_bindings:
-            m = self.manifest
             b = self.session.io_binding()
             dev, dev_id = self.device_type, self.device_id
             b.bind_input(INPUT_IDS, dev, dev_id, np.int64, [rows, 1], self._ids_v.data_ptr())
