@@ -1,0 +1,185 @@
+"""Results -> the targets of issues 4 and 5 (met or not, with the numbers) and Markdown."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+FUSED = ("ours-fused-fp32", "ours-fused-int8", "ours-fused-int4")
+QUANT_FLOOR = {"ours-fused-int8": "int8", "ours-fused-int4": "int4"}
+
+
+@dataclass
+class Target:
+    issue: int
+    what: str
+    value: float | None
+    limit: float
+    op: str  # "<=" or ">="
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "met": self.met}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def compute_targets(r: dict[str, Any]) -> list[Target]:
+    dec, pos, bat, cold = r["decode"], r["positions"], r["batch"], r["cold"]
+    floor = r["floor"]
+
+    def ms(name: str) -> float | None:
+        return dec[name]["ms_per_token"] if name in dec else None
+
+    def fl(precision: str) -> float | None:
+        return floor[precision]["gemv_ms"] if precision in floor else None
+
+    t: list[Target] = []
+    f32 = ms("ours-fused-fp32")
+    t.append(Target(5, "fused fp32 ms/token / optimum's", _ratio(f32, ms("optimum")), 0.4, "<="))
+    t.append(Target(5, "fused fp32 ms/token / PyTorch cached", _ratio(f32, ms("torch-cached")),
+                    0.4, "<="))
+    t.append(Target(5, "fused fp32 ms/token / its weight-streaming floor",
+                    _ratio(f32, fl("fp32")), 1.3, "<="))
+    for name, precision in QUANT_FLOOR.items():
+        t.append(Target(5, f"fused {precision} ms/token / PyTorch cached",
+                        _ratio(ms(name), ms("torch-cached")), 0.12, "<="))
+        t.append(Target(5, f"fused {precision} ms/token / its weight-streaming floor",
+                        _ratio(ms(name), fl(precision)), 1.5, "<="))
+    uncached = pos.get("torch-uncached", {})
+    growth = (f" (uncached PyTorch: x{_ratio(uncached[max(uncached, key=int)], uncached[min(uncached, key=int)]):.1f})"  # noqa: E501
+              if uncached else "")
+    for name in FUSED:
+        if pos.get(name):
+            first, last = min(pos[name], key=int), max(pos[name], key=int)
+            t.append(Target(5, f"{name} latency at position {last} / at {first}",
+                            _ratio(pos[name][last], pos[name][first]), 1.3, "<=",
+                            growth))
+    for name in FUSED:
+        if name in bat and "16" in bat[name]:
+            t.append(Target(5, f"{name} tokens/s at batch 16 / batch 1",
+                            _ratio(bat[name]["16"], bat[name]["1"]), 8.0, ">="))
+    opt_cold = cold.get("optimum", {}).get("first_token_s")
+    for name in FUSED:
+        if name in cold:
+            t.append(Target(5, f"{name} cold start to first token / optimum's",
+                            _ratio(cold[name]["first_token_s"], opt_cold), 0.25, "<="))
+    for name, v in r["variants"].items():
+        if name in cold and v["kind"] == "ours":
+            budget = v["folder_mb"] + v["kv_cache_mb"] + 200
+            t.append(Target(5, f"{name} peak RSS (MB) vs folder + KV cache + 200 MB",
+                            cold[name]["peak_rss_mb"], budget, "<=",
+                            f"folder {v['folder_mb']:.0f} MB + KV {v['kv_cache_mb']:.0f} MB"))
+    std = pos.get("ours-standard-fp32")
+    fused = pos.get("ours-fused-fp32")
+    if std and fused:
+        worst = max(fused[p] / std[p] for p in fused if p in std)
+        t.append(Target(4, "fused fp32 / standard fp32 latency, worst position (<= 1.05: as "
+                        "fast within noise)", worst, 1.05, "<="))
+        late = [fused[p] / std[p] for p in fused if p in std and int(p) > 256]
+        if late:
+            t.append(Target(4, "fused fp32 / standard fp32 latency past 256 tokens, worst",
+                            max(late), 0.9, "<="))
+    for name in QUANT_FLOOR:
+        t.append(Target(4, f"fused fp32 ms/token / {name} ms/token (batch 1)",
+                        _ratio(f32, ms(name)), 3.0, ">="))
+    return t
+
+
+def _f(v: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def markdown(r: dict[str, Any], targets: list[Target]) -> str:
+    m = r["meta"]
+    names = list(r["variants"])
+    dec, pos, bat, cold = r["decode"], r["positions"], r["batch"], r["cold"]
+    ref = dec.get("torch-cached", {}).get("ms_per_token")
+    out = [
+        f"# gpt2onnx bench ({r['config']['name']})",
+        "",
+        f"{m['model']}; {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} "
+        f"logical cores, {m['memory_gb']:.0f} GB; onnxruntime {m['onnxruntime']}, torch "
+        f"{m['torch']}, transformers {m['transformers']}"
+        + (f", optimum {m['optimum']} (transformers {m['optimum_transformers']})"
+           if m.get("optimum") else "")
+        + f"; {m['started']}, {m['duration_s'] / 60:.0f} min, load average "
+        f"{m['load_before']:.1f} before / {m['load_after']:.1f} after.",
+        "",
+        f"Batch 1, {r['config']['prompt_tokens']}-token prompt, {r['config']['new_tokens']} new "
+        f"tokens, greedy; medians of {r['config']['runs']} interleaved runs after a warm-up "
+        f"(uncached: {r['config']['uncached_runs']}). Floor: a GEMV over the same weights "
+        "in onnxruntime, measured in this run.",
+        "",
+        "| variant | prefill ms | ms/token (median) | p90 | tokens/s | x PyTorch cached "
+        "| floor ms | x floor | tokens = PyTorch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    agree = r.get("agree_with_torch", {})
+    n_new = r["config"]["new_tokens"]
+    for n in names:
+        if n not in dec:
+            continue
+        d = dec[n]
+        floor = r["floor"].get(r["variants"][n]["precision"]) if n.startswith("ours") else None
+        fms = floor["gemv_ms"] if floor else None
+        out.append(
+            f"| {r['variants'][n]['label']} | {_f(d['prefill_ms'])} | "
+            f"{_f(d['ms_per_token'], '{:.2f}')} | {_f(d['ms_per_token_p90'], '{:.2f}')} | "
+            f"{_f(d['tokens_per_s'])} | {_f(_ratio(d['ms_per_token'], ref), '{:.3f}')} | "
+            f"{_f(fms, '{:.2f}')} | {_f(_ratio(d['ms_per_token'], fms), '{:.2f}')} | "
+            f"{agree.get(n, '-')}/{n_new} |")
+    if pos:
+        cols = sorted({int(p) for v in pos.values() for p in v})
+        out += ["", "Per-token latency (ms) by context position (tokens already in context; "
+                "uncached = one forward over the whole text):", "",
+                "| variant | " + " | ".join(str(c) for c in cols) + " |",
+                "|---|" + "---:|" * len(cols)]
+        for n in names:
+            if n in pos:
+                out.append(f"| {r['variants'][n]['label']} | "
+                           + " | ".join(_f(pos[n].get(str(c))) for c in cols) + " |")
+    if bat:
+        bs = sorted({int(b) for v in bat.values() for b in v})
+        out += ["", f"Decode tokens/s (all rows) by batch size ({r['config']['batch_new_tokens']}"
+                " new tokens per row):", "",
+                "| variant | " + " | ".join(f"batch {b}" for b in bs) + " |",
+                "|---|" + "---:|" * len(bs)]
+        for n in names:
+            if n in bat:
+                out.append(f"| {r['variants'][n]['label']} | "
+                           + " | ".join(_f(bat[n].get(str(b)), "{:.0f}") for b in bs) + " |")
+    out += ["", "Cold start (fresh process: start to first token), peak RSS, model on disk:", "",
+            "| variant | first token s | peak RSS MB | folder MB | KV cache MB |",
+            "|---|---:|---:|---:|---:|"]
+    for n in names:
+        v = r["variants"][n]
+        c = cold.get(n, {})
+        out.append(f"| {v['label']} | {_f(c.get('first_token_s'), '{:.2f}')} | "
+                   f"{_f(c.get('peak_rss_mb'), '{:.0f}')} | {_f(v.get('folder_mb'), '{:.0f}')} | "
+                   f"{_f(v.get('kv_cache_mb'), '{:.0f}')} |")
+    out += ["", "Weight-streaming floor (GEMV over every weight matrix, batch 1):", "",
+            "| precision | weight bytes / token | GEMV ms | GB/s |", "|---|---:|---:|---:|"]
+    for p, f in r["floor"].items():
+        out.append(f"| {p} | {f['weight_bytes'] / 1e6:.1f} MB | {f['gemv_ms']:.2f} | "
+                   f"{f['gb_per_s']:.1f} |")
+    out += ["", "Targets:", "", "| issue | target | value | limit | met |",
+            "|---|---|---:|---:|---|"]
+    for t in targets:
+        met = {True: "yes", False: "**no**", None: "n/a"}[t.met]
+        out.append(f"| {t.issue} | {t.what}{' ' + t.detail if t.detail else ''} | "
+                   f"{_f(t.value, '{:.3f}')} | {t.op} {t.limit:g} | {met} |")
+    if r.get("kvmem"):
+        out += ["", "KV cache memory, 2 x layers x batch x heads x head_dim x seq x bytes "
+                "(`python -m gpt2onnx.kvmem`):", "", r["kvmem"]]
+    if r.get("notes"):
+        out += ["", *[f"- {n}" for n in r["notes"]]]
+    return "\n".join(out) + "\n"
