@@ -17,7 +17,9 @@ OUT       ?= models/pydoc-tiny-onnx
 LAYOUT    ?= fused
 PRECISION ?= int8
 PROMPT    ?= Return the
-TOKENS    ?= 40
+TOKENS    ?= 60
+# A tiny model loops under plain greedy decoding; a mild repetition penalty keeps it on topic.
+GEN_ARGS  ?= --repetition-penalty 1.3
 PORT      ?= 8000
 PYTEST_ARGS ?=
 
@@ -36,13 +38,13 @@ setup: $(STAMP)
 # agreement with fp32 is validated) and generate from it.
 run: setup
 	$(MAKE) --no-print-directory export MODEL=$(MODEL) OUT=$(OUT)
-	$(BIN)/python -m gpt2onnx.runtime.generate $(OUT) --prompt "$(PROMPT)" --max-new-tokens $(TOKENS) --stream
+	$(BIN)/python -m gpt2onnx.runtime.generate $(OUT) --prompt "$(PROMPT)" --max-new-tokens $(TOKENS) $(GEN_ARGS) --stream
 
 export: setup
 	$(BIN)/python -m gpt2onnx.export $(MODEL) $(OUT) --layout $(LAYOUT) --precision $(PRECISION)
 
 generate: setup
-	$(BIN)/python -m gpt2onnx.runtime.generate $(OUT) --prompt "$(PROMPT)" --max-new-tokens $(TOKENS)
+	$(BIN)/python -m gpt2onnx.runtime.generate $(OUT) --prompt "$(PROMPT)" --max-new-tokens $(TOKENS) $(GEN_ARGS)
 
 # pytest exits 5 when it collects nothing (e.g. a -k that matches no test): not a failure.
 test: setup $(OPT_STAMP)
