@@ -23,7 +23,7 @@ GEN_ARGS  ?= --repetition-penalty 1.3
 PORT      ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run export generate test test-slow lint bench bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
+.PHONY: setup run export generate test test-fast test-slow lint bench bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,12 +46,17 @@ export: setup
 generate: setup
 	$(BIN)/python -m gpt2onnx.runtime.generate $(OUT) --prompt "$(PROMPT)" --max-new-tokens $(TOKENS) $(GEN_ARGS)
 
-# pytest exits 5 when it collects nothing (e.g. a -k that matches no test): not a failure.
+# Everything, the full-size gpt2 runs included (about 2 extra minutes). pytest exits 5 when
+# it collects nothing (e.g. a -k that matches no test): not a failure.
 test: setup $(OPT_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
-# Full-size gpt2 architecture (random weights): every layout and precision.
+# Without the full-size gpt2 runs (marked slow).
+test-fast: setup $(OPT_STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Only the full-size gpt2 architecture (random weights): every layout and precision.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
