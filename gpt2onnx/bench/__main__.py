@@ -207,6 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         decode = ms.measure_decode(workers, prompt, cfg, clock.log)
         clock.log("latency by context position")
         positions = ms.measure_positions(workers, prompt, cfg, clock.log)
+        clock.log("fused vs standard fp32, paired by context position")
+        layouts = ms.measure_layouts(workers, prompt, cfg, clock.log)
         clock.log("throughput by batch size")
         batch = ms.measure_batches(workers, prompt, cfg, clock.log)
         infos = {name: {"load_s": w.load_s, **w.info} for name, w in workers.items()}
@@ -227,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       "worker": infos.get(t.variant.name, {})}
                      for t in targets},
         "decode": decode, "agree_with_torch": ms.tokens_agree(decode, "torch-cached"),
-        "positions": positions, "batch": batch, "cold": cold,
+        "positions": positions, "layouts": layouts, "batch": batch, "cold": cold,
         "floor": {p: f.to_dict() for p, f in floors.items()},
         "kvmem": kv_table(["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], [1, 4, 16, 32],
                           [128, 1024], ["fp32", "fp16"]),

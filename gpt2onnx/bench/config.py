@@ -22,6 +22,10 @@ class BenchConfig:
         positions: context lengths at which per-token latency is reported.
         position_window: decode steps around each position whose median is reported.
         position_runs: passes over the position curve (interleaved); medians across them.
+        layout_positions: context lengths of the paired fused/standard fp32 comparison
+            (issue 4): each pair runs back to back, so both see the same machine state.
+        layout_window: decode steps timed per pair member (after a prefill of the position).
+        layout_runs: pairs per position; the order inside a pair alternates.
         batches: batch sizes of the throughput measurement.
         batch_new_tokens: tokens generated per row in the throughput measurement.
         batch_runs: passes over the batch sizes (interleaved).
@@ -39,6 +43,9 @@ class BenchConfig:
     positions: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512, 768, 1000)
     position_window: int = 8
     position_runs: int = 2
+    layout_positions: tuple[int, ...] = (16, 128, 256, 384, 512, 768, 1000)
+    layout_window: int = 16
+    layout_runs: int = 7
     batches: tuple[int, ...] = (1, 4, 16, 32)
     batch_new_tokens: int = 32
     batch_runs: int = 2
@@ -54,5 +61,6 @@ FULL = BenchConfig(name="full")
 # Small enough for CI (the whole smoke run, exports included, in well under a minute).
 SMOKE = BenchConfig(
     name="smoke", arch=dict(TINY), prompt_tokens=8, new_tokens=8, runs=2, uncached_runs=1,
-    positions=(16, 64, 100), position_window=4, position_runs=1, batches=(1, 4),
+    positions=(16, 64, 100), position_window=4, position_runs=1, layout_positions=(16, 100),
+    layout_window=4, layout_runs=2, batches=(1, 4),
     batch_new_tokens=4, batch_runs=1, cold_runs=1, cold_new_tokens=2, floor_runs=3)

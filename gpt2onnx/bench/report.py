@@ -78,16 +78,25 @@ def compute_targets(r: dict[str, Any]) -> list[Target]:
             t.append(Target(5, f"{name} peak RSS (MB) vs folder + KV cache + 200 MB",
                             cold[name]["peak_rss_mb"], budget, "<=",
                             f"folder {v['folder_mb']:.0f} MB + KV {v['kv_cache_mb']:.0f} MB"))
-    std = pos.get("ours-standard-fp32")
-    fused = pos.get("ours-fused-fp32")
-    if std and fused:
-        worst = max(fused[p] / std[p] for p in fused if p in std)
-        t.append(Target(4, "fused fp32 / standard fp32 latency, worst position (<= 1.05: as "
-                        "fast within noise)", worst, 1.05, "<="))
-        late = [fused[p] / std[p] for p in fused if p in std and int(p) > 256]
+    layouts = r.get("layouts") or {}
+    if layouts:
+        worst = max(layouts, key=lambda p: layouts[p]["ratio_median"])
+        t.append(Target(4, "fused fp32 / standard fp32 step latency, paired median at the "
+                        "worst position (<= 1.05: at least as fast, within noise)",
+                        layouts[worst]["ratio_median"], 1.05, "<=", f"position {worst}"))
+        late = [p for p in layouts if int(p) > 256]
         if late:
-            t.append(Target(4, "fused fp32 / standard fp32 latency past 256 tokens, worst",
-                            max(late), 0.9, "<="))
+            # "Clearly faster" = faster by more than the pair-to-pair noise, consistently:
+            # the worst position's median ratio at most 0.95, and fused faster in at least
+            # 90 % of all pairs past 256 tokens (sign test p < 0.001 at 7 pairs x 4).
+            worst = max(late, key=lambda p: layouts[p]["ratio_median"])
+            t.append(Target(4, "fused fp32 / standard fp32 step latency past 256 tokens, "
+                            "paired median at the worst position (clearly faster)",
+                            layouts[worst]["ratio_median"], 0.95, "<=", f"position {worst}"))
+            won = sum(layouts[p]["fused_faster_pairs"] for p in late)
+            pairs = sum(layouts[p]["pairs"] for p in late)
+            t.append(Target(4, "share of pairs past 256 tokens where fused fp32 was faster",
+                            won / pairs, 0.9, ">=", f"{won}/{pairs} pairs"))
     for name in QUANT_FLOOR:
         t.append(Target(4, f"fused fp32 ms/token / {name} ms/token (batch 1)",
                         _ratio(f32, ms(name)), 3.0, ">="))
@@ -149,6 +158,20 @@ def markdown(r: dict[str, Any], targets: list[Target]) -> str:
             if n in pos:
                 out.append(f"| {r['variants'][n]['label']} | "
                            + " | ".join(_f(pos[n].get(str(c))) for c in cols) + " |")
+    layouts = r.get("layouts") or {}
+    if layouts:
+        cfg = r["config"]
+        out += ["", f"Fused against standard fp32, paired (issue 4): at each context position, "
+                f"{cfg['layout_runs']} pairs of back-to-back runs (prefill to the position, "
+                f"then {cfg['layout_window']} timed decode steps each), order alternating; "
+                "medians, and the spread of the per-pair ratio:", "",
+                "| position | standard ms | fused ms | fused / standard (median) "
+                "| min - max | fused faster in |",
+                "|---:|---:|---:|---:|---|---:|"]
+        for p, v in layouts.items():
+            out.append(f"| {p} | {v['standard_ms']:.2f} | {v['fused_ms']:.2f} | "
+                       f"{v['ratio_median']:.3f} | {v['ratio_min']:.2f} - {v['ratio_max']:.2f} "
+                       f"| {v['fused_faster_pairs']}/{v['pairs']} |")
     if bat:
         bs = sorted({int(b) for v in bat.values() for b in v})
         out += ["", f"Decode tokens/s (all rows) by batch size ({r['config']['batch_new_tokens']}"

@@ -101,11 +101,13 @@ class Engine:
         at position p costs the same whether the p cached tokens came from a prefill or
         from p decode steps (the cache holds the same tensors); this spares the slow
         engines a 1,000-step loop per pass."""
-        out = {}
-        for p in positions:
-            text = (prompt * (p // len(prompt) + 1))[:p]
-            out[p] = statistics.median(self.decode(text, window + 1, 1).step_ms)
-        return out
+        return {p: self.step_ms_at(prompt, p, window) for p in positions}
+
+    def step_ms_at(self, prompt: list[int], position: int, window: int) -> float:
+        """Median latency of ``window`` batch-1 decode steps after a prefill of
+        ``position`` tokens (``prompt`` repeated to that length)."""
+        text = (prompt * (position // len(prompt) + 1))[:position]
+        return statistics.median(self.decode(text, window + 1, 1).step_ms)
 
 
 class OursEngine(Engine):

@@ -59,6 +59,8 @@ def serve(spec: dict[str, Any]) -> None:
         elif op == "positions":
             ms = engine.position_ms(cmd["prompt"], cmd["positions"], cmd["window"])
             out = {"position_ms": {str(k): v for k, v in ms.items()}}
+        elif op == "step_ms":
+            out = {"step_ms": engine.step_ms_at(cmd["prompt"], cmd["position"], cmd["window"])}
         elif op == "info":
             out = {"info": engine.info(), "peak_rss_mb": _peak_rss_mb()}
         else:

@@ -95,7 +95,7 @@ def _manifest_from_optimum(path: Path) -> Manifest:
 
 def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
                  threads: int | None = None, cuda_graph: bool = False,
-                 profile: bool = False) -> ort.InferenceSession:
+                 profile: bool = False, spinning: bool | None = None) -> ort.InferenceSession:
     """An InferenceSession for the folder's graph on one provider, checked against the manifest.
 
     Raises:
@@ -117,7 +117,7 @@ def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
             f"this folder was exported for the {manifest.provider!r} provider "
             f"(precision {manifest.precision}, layout {manifest.layout}); export another with "
             f"`--provider {provider}` or run it with provider={manifest.provider!r}.")
-    opts = session_options(threads)
+    opts = session_options(threads, spinning)
     if profile:
         opts.enable_profiling = True
     provider_options: dict[str, str] = {}
@@ -172,12 +172,15 @@ def session_options(threads: int | None = None, spinning: bool | None = None
 
     Args:
         threads: intra-op threads (default: onnxruntime's choice, one per physical core).
-        spinning: let idle intra-op threads busy-wait for work (default: off, unless the
-            environment sets GPT2ONNX_SPIN=1). On a CPU shared with other processes, a
-            spinning thread takes the core the next kernel's other half needs: decode was
-            1.7x slower with spinning on the shared 2-core bench machine (median of 94
-            interleaved rounds, bench/results/history.md). A dedicated machine may gain a
-            little with it on.
+        spinning: let idle intra-op threads busy-wait for the next kernel (default: on,
+            onnxruntime's own default, unless the environment sets GPT2ONNX_SPIN=0).
+            Measured both ways (bench/results/history.md, sections 1 and 5): on a machine
+            with its cores to itself, spinning made decode 1.07x (fp32) to 1.32x (int8)
+            faster, since a woken thread costs tens of microseconds at each of the ~100
+            parallel kernels of a step; on a CPU oversubscribed by other processes (load
+            4-5 on 2 cores) it made decode 1.7x slower, because the spinning thread holds
+            the core the next kernel's other half needs. Turn it off on shared machines
+            and under CPU quotas (a spinning thread burns quota while it waits).
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -185,7 +188,7 @@ def session_options(threads: int | None = None, spinning: bool | None = None
     if threads:
         opts.intra_op_num_threads = threads
     if spinning is None:
-        spinning = os.environ.get(SPIN_ENV, "0") == "1"
+        spinning = os.environ.get(SPIN_ENV, "1") != "0"
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
 

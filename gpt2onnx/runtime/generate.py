@@ -32,6 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "refusing")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--no-spin", dest="spinning", action="store_false", default=None,
+                   help="idle onnxruntime threads sleep instead of busy-waiting: faster on "
+                        "a CPU shared with other busy processes (default: spin, unless "
+                        "GPT2ONNX_SPIN=0)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -45,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
             seed=args.seed, stop=tuple(args.stop),
             on_overflow="truncate" if args.truncate else "error")
-        model = Model(args.model_dir, provider=args.provider, threads=args.threads)
+        model = Model(args.model_dir, provider=args.provider, threads=args.threads,
+                      spinning=args.spinning)
         if args.stream and not args.json:
             sys.stdout.write(args.prompt)
             for piece in model.stream(args.prompt, params):

@@ -182,8 +182,11 @@ class Generator:
     def add_rows(self, prompts: Sequence[Sequence[int]], params: Sequence[GenerationParams]
                  ) -> list[int]:
         """``add`` for several rows at one step boundary: rows that land in adjacent free
-        slots share one prefill run. Returns their slots, in order. On failure no row is
-        left behind."""
+        slots share one prefill run, and a prompt repeated within the call (OpenAI's
+        ``n`` > 1, identical requests arriving together) is prefilled once, its other rows
+        getting a copy of that row's cache slot and logits (where the cache can copy
+        slots: CPU buffers). Returns the rows' slots, in order. On failure no row is left
+        behind."""
         if not self.cache.supports_slots:
             raise RuntimeError("rows can join a running batch only with the fused layout")
         if self._pending:
@@ -193,24 +196,43 @@ class Generator:
         if len(rows) > len(free):
             raise RuntimeError(f"{len(rows)} rows for {len(free)} free slots: release "
                                "finished rows first")
-        slots = free[:len(rows)]
+        source = list(range(len(rows)))  # source[k]: the row whose prefill row k reuses
+        if self.cache.supports_slot_copy:
+            first: dict[tuple[int, ...], int] = {}
+            source = [first.setdefault(tuple(r.prompt_ids), k) for k, r in enumerate(rows)]
+        runs = [k for k in range(len(rows)) if source[k] == k]
+        copies = [k for k in range(len(rows)) if source[k] != k]
+        # Rows that run take the lowest free slots, so adjacent ones share a run.
+        slots = [0] * len(rows)
+        for slot, k in zip(free, runs + copies, strict=False):
+            slots[k] = slot
         t0 = time.perf_counter()
-        start = 0
+        placed: list[int] = []  # slots already holding one of these rows
         try:
-            while start < len(rows):
-                end = start + 1  # [start, end): rows whose slots are consecutive
-                while end < len(rows) and slots[end] == slots[end - 1] + 1:
+            start = 0
+            while start < len(runs):
+                end = start + 1  # runs[start:end]: rows whose slots are consecutive
+                while end < len(runs) and slots[runs[end]] == slots[runs[end - 1]] + 1:
                     end += 1
-                logits = self.cache.prefill([r.prompt_ids for r in rows[start:end]],
-                                            first_slot=slots[start])
-                for k in range(start, end):
+                group = runs[start:end]
+                self.cache.prefill([rows[k].prompt_ids for k in group],
+                                   first_slot=slots[group[0]])
+                for k in group:
                     self.rows[slots[k]] = rows[k]
-                    token = self._choose(logits[k - start], rows[k], slots[k])
-                    _record_logprob(rows[k], logits[k - start], token)
-                    self._take(slots[k], rows[k], token)
+                    placed.append(slots[k])
                 start = end
+            for k in copies:
+                self.cache.copy_slot(slots[source[k]], slots[k])
+                self.rows[slots[k]] = rows[k]
+                placed.append(slots[k])
+            logits = self.cache.last_logits()  # every run wrote its own rows
+            for k, row in enumerate(rows):
+                row_logits = logits[slots[source[k]]]
+                token = self._choose(row_logits, row, slots[k])
+                _record_logprob(row, row_logits, token)
+                self._take(slots[k], row, token)
         except BaseException:
-            for slot in slots[:start]:
+            for slot in placed:
                 self.release(slot)
             raise
         self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3

@@ -48,12 +48,15 @@ class Model:
         folder: a folder written by ``python -m gpt2onnx.export`` (or by optimum-cli).
         provider: "cpu" or "cuda" (needs onnxruntime-gpu).
         threads: intra-op threads (default: onnxruntime's choice, one per physical core).
+        spinning: idle intra-op threads busy-wait for work (default: on unless
+            GPT2ONNX_SPIN=0); turn off on a CPU shared with other busy processes.
         verify: check file hashes against the manifest on load.
         cuda_graph: on CUDA with a fused folder, replay decode steps from a CUDA graph.
     """
 
     def __init__(self, folder: str | Path, provider: str = "cpu", threads: int | None = None,
-                 verify: bool = True, cuda_graph: bool = False) -> None:
+                 verify: bool = True, cuda_graph: bool = False,
+                 spinning: bool | None = None) -> None:
         self.folder = Path(folder)
         self.provider = provider
         if cuda_graph and provider != "cuda":
@@ -68,7 +71,8 @@ class Model:
         except Exception as exc:  # tokenizers raises plain Exception on bad JSON
             raise ModelFolderError(f"cannot read {tok_path}: {exc}. Re-export the folder.") from exc
         self.session: ort.InferenceSession = make_session(
-            self.folder, self.manifest, provider, threads=threads, cuda_graph=cuda_graph)
+            self.folder, self.manifest, provider, threads=threads, cuda_graph=cuda_graph,
+            spinning=spinning)
         self.device = session_device(provider)
         self._caches: dict[int, FusedCache | StandardCache] = {}
 

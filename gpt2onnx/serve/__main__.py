@@ -30,12 +30,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--no-spin", dest="spinning", action="store_false", default=None,
+                   help="idle onnxruntime threads sleep instead of busy-waiting: faster on "
+                        "a CPU shared with other busy processes (default: spin, unless "
+                        "GPT2ONNX_SPIN=0)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help="cache slots: rows decoded together")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="requests that may wait while every slot is busy; more get 429")
     p.add_argument("--timeout", type=float, default=d.request_timeout,
                    help="seconds a request may take, queueing included (504 after)")
+    p.add_argument("--prefill-budget", type=int, default=d.prefill_budget,
+                   help="prompt tokens prefilled at one step boundary while other requests "
+                        "decode (the oldest waiting request always goes in): lower bounds "
+                        "the stall of running streams, higher prefills bursts together")
     p.add_argument("--max-n", type=int, default=d.max_choices,
                    help="choices per request (n x prompts)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -61,12 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         open_manifest(args.model_dir, verify=False)  # fail now, not after binding the port
         config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                              request_timeout=args.timeout, max_choices=args.max_n)
+                              request_timeout=args.timeout, max_choices=args.max_n,
+                              prefill_budget=args.prefill_budget)
     except Gpt2OnnxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     engine = Engine(lambda: Model(args.model_dir, provider=args.provider,
-                                  threads=args.threads), config)
+                                  threads=args.threads,
+                                  spinning=args.spinning), config)
     name = args.served_model_name or args.model_dir.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes, drain_timeout=args.shutdown_timeout)

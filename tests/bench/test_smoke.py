@@ -43,13 +43,24 @@ def test_json_has_every_measurement(smoke: Path) -> None:
         assert r["cold"][name]["first_token_s"] > 0 and r["cold"][name]["peak_rss_mb"] > 10
     assert set(r["floor"]) == {"fp32", "int8", "int4"}
     assert all(f["gemv_ms"] > 0 and f["weight_bytes"] > 0 for f in r["floor"].values())
+    # The paired fused/standard comparison (issue 4): every position, every pair.
+    layouts = r["layouts"]
+    assert set(layouts) == {"16", "100"}
+    for v in layouts.values():
+        assert v["pairs"] == 2 and 0 <= v["fused_faster_pairs"] <= 2
+        assert v["ratio_min"] <= v["ratio_median"] <= v["ratio_max"]
+        assert v["fused_ms"] > 0 and v["standard_ms"] > 0
+    issue4 = [t for t in r["targets"] if t["issue"] == 4 and "paired" in t["what"]]
+    assert len(issue4) == 1 and issue4[0]["value"] == max(
+        v["ratio_median"] for v in layouts.values())  # no position past 256 in smoke
     # fp32 graphs compute the PyTorch model: greedy tokens agree from the first one.
     assert r["agree_with_torch"]["ours-fused-fp32"] >= 1
 
 
 def test_markdown_and_plots(smoke: Path) -> None:
     md = (smoke / "latest.md").read_text()
-    for heading in ("ms/token (median)", "Per-token latency", "tokens/s (all rows)",
+    for heading in ("ms/token (median)", "Per-token latency", "Fused against standard fp32, paired",
+                    "tokens/s (all rows)",
                     "Cold start", "Weight-streaming floor", "Targets", "KV cache memory"):
         assert heading in md, heading
     for png in ("latency_vs_position.png", "tokens_per_s_vs_batch.png",

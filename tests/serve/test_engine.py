@@ -221,3 +221,59 @@ def test_standard_layout_runs_one_request_at_a_time(
     for prompt, completion in zip(("First", "Second"), asyncio.run(both()), strict=True):
         expected = reference.generate(prompt, params).text
         assert [c.text for c in completion.choices] == [expected, expected]
+
+
+def test_warm_up_runs_one_row_and_every_slot_then_frees_them(
+        make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch,
+        greedy_text: Callable[..., str]) -> None:
+    """The warm-up sizes onnxruntime's arena for a full-batch prefill (a first burst of
+    clients would otherwise pay for it) and leaves no slot or cached token behind."""
+    rows: list[int] = []
+    add_rows = Generator.add_rows
+
+    def spy(self: Generator, prompts: list, params: list) -> list[int]:
+        rows.append(len(prompts))
+        return add_rows(self, prompts, params)
+
+    monkeypatch.setattr(Generator, "add_rows", spy)
+    engine = make_engine(max_batch_size=4)
+    assert rows == [1, 4]
+    stats = engine.stats()
+    assert (stats.free_slots, stats.running, stats.waiting) == (4, 0, 0)
+    request = engine.request("After the warm-up", GenerationParams(max_new_tokens=9, **GREEDY))
+    assert engine.complete_sync(request).choices[0].text == greedy_text(
+        "After the warm-up", 9, **GREEDY)
+
+
+@pytest.mark.parametrize(("budget", "order"), [
+    (512, ["prefill", "prefill", "step"]),  # the late arrival joins this boundary
+    (1, ["prefill", "step", "prefill"]),  # over budget: it waits for the next one
+])
+def test_arrival_during_a_prefill_joins_the_same_boundary_within_budget(
+        make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch,
+        greedy_text: Callable[..., str], budget: int, order: list[str]) -> None:
+    engine = make_engine(max_batch_size=4, prefill_budget=budget)
+    calls: list[str] = []
+    late: list = []
+    add_rows, step = Generator.add_rows, Generator.generate_next_token
+
+    def spy_add(self: Generator, prompts: list, params: list) -> list[int]:
+        calls.append("prefill")
+        if not late:  # a client arrives while the first prefill runs
+            late.append(engine.stream_sync(engine.request(
+                "Late arrival", GenerationParams(max_new_tokens=4, **GREEDY))))
+        return add_rows(self, prompts, params)
+
+    def spy_step(self: Generator) -> np.ndarray:
+        calls.append("step")
+        return step(self)
+
+    monkeypatch.setattr(Generator, "add_rows", spy_add)
+    monkeypatch.setattr(Generator, "generate_next_token", spy_step)
+    first = engine.complete_sync(engine.request("First", GenerationParams(max_new_tokens=4,
+                                                                           **GREEDY)))
+    with late[0] as stream:
+        text = "".join(d.text for deltas in stream for d in deltas)
+    assert calls[:3] == order
+    assert first.choices[0].text == greedy_text("First", 4, **GREEDY)
+    assert text == greedy_text("Late arrival", 4, **GREEDY)

@@ -74,3 +74,53 @@ def test_logprobs_validation_and_default() -> None:
     with pytest.raises(InvalidParameterError, match="logprobs must be an integer"):
         GenerationParams(logprobs=True)
     assert GenerationParams().logprobs is None
+
+
+def test_repeated_prompt_is_prefilled_once_and_copied(ref_model: Model,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenAI's n > 1 and identical prompts arriving together: one prefill row per distinct
+    prompt; the copies decode exactly as rows run alone do."""
+    a, b = ref_model.encode("Alpha beta"), ref_model.encode("Gamma delta epsilon")
+    alone = {p: ref_model.generate(p, GREEDY).token_ids for p in ("Alpha beta",
+                                                                   "Gamma delta epsilon")}
+    gen = ref_model.generator([], GREEDY, batch_size=6)
+    run_rows: list[int] = []
+    original = gen.cache.prefill
+
+    def counting(rows: Any, first_slot: int = 0) -> np.ndarray:
+        run_rows.append(len(rows))
+        return original(rows, first_slot=first_slot)
+
+    monkeypatch.setattr(gen.cache, "prefill", counting)
+    slots = gen.add_rows([a, b, a, a, b], [GREEDY] * 5)
+    assert run_rows == [2]  # a and b, in adjacent slots, one run
+    assert slots[:2] == [0, 1] and sorted(slots) == [0, 1, 2, 3, 4]
+    for k in (2, 3):
+        for i in range(len(gen.cache.names)):
+            np.testing.assert_array_equal(gen.cache.row_kv(i, slots[k]),
+                                          gen.cache.row_kv(i, slots[0]))
+    assert list(gen.cache.lengths[slots]) == [len(a), len(b), len(a), len(a), len(b)]
+    run_to_end(gen)
+    texts = ["Alpha beta", "Gamma delta epsilon", "Alpha beta", "Alpha beta",
+             "Gamma delta epsilon"]
+    assert [gen.rows[s].token_ids for s in slots] == [alone[t] for t in texts]
+
+
+def test_copies_sample_independently_with_their_own_seeds(ref_model: Model) -> None:
+    ids = ref_model.encode("Once upon a time")
+    params = [GenerationParams(max_new_tokens=12, temperature=1.0, seed=s, stop_on_eos=False,
+                               logprobs=2) for s in (1, 2, 1)]
+    alone = [ref_model.generate(ids, p) for p in params]
+    gen = ref_model.generator([], GREEDY, batch_size=4)
+    slots = gen.add_rows([ids] * 3, params)
+    run_to_end(gen)
+    got = [gen.rows[s] for s in slots]
+    assert [r.token_ids for r in got] == [r.token_ids for r in alone]
+    assert got[0].token_ids == got[2].token_ids != got[1].token_ids  # seed 1 twice
+    first = [r.logprobs[0] for r in got]  # the shared prefill's logits, for every copy
+    assert first[0].top == first[1].top == first[2].top
+
+
+def test_standard_layout_has_no_slot_copy(tiny_standard: Any) -> None:
+    model = Model(tiny_standard)
+    assert not model.cache(2).supports_slot_copy

@@ -241,3 +241,13 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_cli_prefill_budget_is_passed_and_checked(tiny_fused: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from gpt2onnx.serve.__main__ import main, parse_args
+
+    assert parse_args([str(tiny_fused), "--prefill-budget", "64"]).prefill_budget == 64
+    assert main([str(tiny_fused), "--prefill-budget", "0"]) == 2  # before binding a port
+    err = capsys.readouterr().err
+    assert "prefill_budget" in err and ">= 1" in err and "got 0" in err

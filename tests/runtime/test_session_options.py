@@ -1,0 +1,46 @@
+"""Session options: intra-op spinning is on by default, off by argument or environment,
+and reaches the session that Model builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpt2onnx.runtime import Model
+from gpt2onnx.runtime.folder import SPIN_ENV, session_options
+
+SPIN_KEY = "session.intra_op.allow_spinning"
+
+
+@pytest.mark.parametrize(("env", "arg", "expected"), [
+    (None, None, "1"),  # onnxruntime's own default
+    ("0", None, "0"),
+    ("1", None, "1"),
+    ("0", True, "1"),  # an explicit argument wins over the environment
+    (None, False, "0"),
+])
+def test_spinning_default_env_and_argument(monkeypatch: pytest.MonkeyPatch, env: str | None,
+                                           arg: bool | None, expected: str) -> None:
+    if env is None:
+        monkeypatch.delenv(SPIN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(SPIN_ENV, env)
+    assert session_options(spinning=arg).get_session_config_entry(SPIN_KEY) == expected
+
+
+def test_model_passes_spinning_to_its_session(tiny_fused: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpt2onnx.runtime.folder as folder
+
+    seen: list[bool | None] = []
+    original = folder.session_options
+
+    def spy(threads: int | None = None, spinning: bool | None = None) -> object:
+        seen.append(spinning)
+        return original(threads, spinning)
+
+    monkeypatch.setattr(folder, "session_options", spy)
+    Model(tiny_fused, spinning=False)
+    Model(tiny_fused)
+    assert seen == [False, None]
