@@ -6,8 +6,9 @@ as it would with `gpt2`; weights are random from a fixed seed.
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,22 @@ def build_checkpoint(folder: Path, seed: int = 0, **config: Any) -> Path:
         if f.name != "README.md":
             shutil.copy(f, folder / f.name)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Runtime's record of verified files goes to a temporary folder, not ~/.cache
+    (os.environ, so subprocesses started by tests use it too)."""
+    from gpt2onnx.runtime.verified import CACHE_DIR_ENV
+
+    folder = tmp_path_factory.mktemp("gpt2onnx-cache")
+    before = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -24,23 +24,35 @@ from gpt2onnx.contract import (
     cache_names,
     sha256_file,
 )
-from gpt2onnx.errors import ModelFolderError, ProviderUnavailableError
+from gpt2onnx.errors import InvalidParameterError, ModelFolderError, ProviderUnavailableError
+from gpt2onnx.runtime.verified import VerifiedFiles
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 SPIN_ENV = "GPT2ONNX_SPIN"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
-def open_manifest(folder: str | Path, verify: bool = True) -> Manifest:
+VERIFY_MODES = (True, False, "full")
+
+
+def open_manifest(folder: str | Path, verify: bool | str = True) -> Manifest:
     """Read (or, for an optimum folder, derive) the manifest and check the files.
 
     Args:
         folder: the model folder.
-        verify: check each file's sha256 against the manifest (catches truncated copies).
+        verify: True: check each file's sha256 against the manifest (catches truncated
+            and corrupt copies), skipping files whose stat stamp is unchanged since they
+            last matched (``gpt2onnx.runtime.verified``); "full": hash every file every
+            time; False: only check that the files exist.
 
     Raises:
+        InvalidParameterError: ``verify`` is none of True, False, "full".
         ModelFolderError: missing folder, missing or corrupt file, unreadable manifest.
     """
+    if not any(verify is mode or (isinstance(mode, str) and verify == mode)
+               for mode in VERIFY_MODES):
+        raise InvalidParameterError("verify", f"verify must be True, False or 'full', got "
+                                    f"{verify!r}.")
     path = Path(folder)
     if not path.is_dir():
         raise ModelFolderError(
@@ -52,15 +64,22 @@ def open_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             if rel not in manifest.files:
                 raise ModelFolderError(f"{path / MANIFEST_FILE} lists no hash for {rel}; "
                                        "re-export the folder.")
+        seen = VerifiedFiles() if verify is True else None
         for rel, digest in manifest.files.items():
             file = path / rel
             if not file.is_file():
                 raise ModelFolderError(f"{file} is missing from the model folder; re-export "
                                        "it or copy the whole folder again.")
-            if verify and sha256_file(file) != digest:
+            if not verify or (seen is not None and seen.unchanged(file, digest)):
+                continue
+            if sha256_file(file) != digest:
                 raise ModelFolderError(
                     f"{file} does not match the sha256 in manifest.json (corrupt or partial "
                     "copy); copy the folder again or re-export it.")
+            if seen is not None:
+                seen.record(file, digest)
+        if seen is not None:
+            seen.save()
         return manifest
     if (path / GRAPH_FILE).exists() and (path / "config.json").exists():
         return _manifest_from_optimum(path)

@@ -50,12 +50,14 @@ class Model:
         threads: intra-op threads (default: onnxruntime's choice, one per physical core).
         spinning: idle intra-op threads busy-wait for work (default: on unless
             GPT2ONNX_SPIN=0); turn off on a CPU shared with other busy processes.
-        verify: check file hashes against the manifest on load.
+        verify: check file hashes against the manifest on load: True skips files whose
+            stat stamp is unchanged since they last matched (like git's index); "full"
+            hashes every file on every load; False only checks that they exist.
         cuda_graph: on CUDA with a fused folder, replay decode steps from a CUDA graph.
     """
 
     def __init__(self, folder: str | Path, provider: str = "cpu", threads: int | None = None,
-                 verify: bool = True, cuda_graph: bool = False,
+                 verify: bool | str = True, cuda_graph: bool = False,
                  spinning: bool | None = None) -> None:
         self.folder = Path(folder)
         self.provider = provider
