@@ -367,12 +367,17 @@ class Engine:
         pass, against 0.1 s for the same prefill warm)."""
         assert self._model is not None
         params = GenerationParams(max_new_tokens=2, stop_on_eos=False)
-        prompt = [self._model.pad_id] * min(WARMUP_PROMPT_TOKENS, self._model.context_length - 2)
+        length = min(WARMUP_PROMPT_TOKENS, self._model.context_length - 2)
+        vocab = self._model.manifest.vocab_size
+        # Distinct prompts: identical ones would be prefilled once and copied (add_rows),
+        # and the full-batch prefill shape would never run.
+        prompts = [[self._model.pad_id] * (length - 1) + [i % vocab]
+                   for i in range(self.config.max_batch_size)]
         if self._gen is None:
-            self._model.generate(prompt, params)
+            self._model.generate(prompts[0], params)
             return
         for rows in sorted({1, self.config.max_batch_size}):
-            slots = self._gen.add_rows([prompt] * rows, [params] * rows)
+            slots = self._gen.add_rows(prompts[:rows], [params] * rows)
             while not self._gen.is_done():
                 self._gen.generate_next_token()
             for slot in slots:

@@ -228,16 +228,18 @@ def test_warm_up_runs_one_row_and_every_slot_then_frees_them(
         greedy_text: Callable[..., str]) -> None:
     """The warm-up sizes onnxruntime's arena for a full-batch prefill (a first burst of
     clients would otherwise pay for it) and leaves no slot or cached token behind."""
+    from gpt2onnx.runtime.cache import FusedCache
+
     rows: list[int] = []
-    add_rows = Generator.add_rows
+    prefill = FusedCache.prefill
 
-    def spy(self: Generator, prompts: list, params: list) -> list[int]:
+    def spy(self: FusedCache, prompts: list, first_slot: int = 0) -> np.ndarray:
         rows.append(len(prompts))
-        return add_rows(self, prompts, params)
+        return prefill(self, prompts, first_slot)
 
-    monkeypatch.setattr(Generator, "add_rows", spy)
+    monkeypatch.setattr(FusedCache, "prefill", spy)
     engine = make_engine(max_batch_size=4)
-    assert rows == [1, 4]
+    assert rows == [1, 4]  # prefill runs of one row and of every slot, none copied
     stats = engine.stats()
     assert (stats.free_slots, stats.running, stats.waiting) == (4, 0, 0)
     request = engine.request("After the warm-up", GenerationParams(max_new_tokens=9, **GREEDY))
