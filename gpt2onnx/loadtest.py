@@ -96,7 +96,9 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
 
 def meets(result: RequestResult, slo: dict[str, float]) -> bool:
     """Whether a request met every objective (a missing measurement does not)."""
-    got = {"ttft": result.ttft_s, "tpot": result.tpot_s, "e2el": result.latency_s}
+    # As vllm does: a completion of one token has no time per output token; it counts 0.
+    tpot = result.tpot_s if result.output_tokens > 1 else 0.0
+    got = {"ttft": result.ttft_s, "tpot": tpot, "e2el": result.latency_s}
     for key, limit_ms in slo.items():
         value = got[key]
         if not result.ok or value is None or value * 1e3 > limit_ms:

@@ -38,6 +38,22 @@ def build_checkpoint(folder: Path, seed: int = 0, **config: Any) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def no_spinning() -> Iterator[None]:
+    """Intra-op threads sleep when idle in tests: one pytest process holds many sessions,
+    engine threads and servers on few cores, the oversubscribed case where spinning is
+    slower (tests/runtime/test_session_options.py covers the default itself)."""
+    from gpt2onnx.runtime.folder import SPIN_ENV
+
+    before = os.environ.get(SPIN_ENV)
+    os.environ[SPIN_ENV] = "0"
+    yield
+    if before is None:
+        os.environ.pop(SPIN_ENV, None)
+    else:
+        os.environ[SPIN_ENV] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Runtime's record of verified files goes to a temporary folder, not ~/.cache
     (os.environ, so subprocesses started by tests use it too)."""

@@ -151,6 +151,7 @@ def measure_positions(workers: dict[str, Worker], prompt: list[int], cfg: BenchC
 
 
 LAYOUT_PAIR = ("ours-fused-fp32", "ours-standard-fp32")
+PAIR_SETTLE_S = 0.1
 
 
 def measure_layouts(workers: dict[str, Worker], prompt: list[int], cfg: BenchConfig,
@@ -173,6 +174,9 @@ def measure_layouts(workers: dict[str, Worker], prompt: list[int], cfg: BenchCon
         for i, p in enumerate(cfg.layout_positions):
             got = {}
             for name in _rotate(list(LAYOUT_PAIR), r + i):
+                # onnxruntime's threads spin on for a while after a run: let the other
+                # worker's threads go idle before this one is timed (see floor.py).
+                time.sleep(PAIR_SETTLE_S)
                 got[name] = workers[name].call(op="step_ms", prompt=prompt, position=p,
                                                window=cfg.layout_window)["step_ms"]
                 step[name][p].append(got[name])

@@ -25,7 +25,7 @@ from gpt2onnx.contract import (
     sha256_file,
 )
 from gpt2onnx.errors import InvalidParameterError, ModelFolderError, ProviderUnavailableError
-from gpt2onnx.runtime.verified import VerifiedFiles
+from gpt2onnx.runtime.verified import VerifiedFiles, stamp
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 SPIN_ENV = "GPT2ONNX_SPIN"
@@ -72,12 +72,18 @@ def open_manifest(folder: str | Path, verify: bool | str = True) -> Manifest:
                                        "it or copy the whole folder again.")
             if not verify or (seen is not None and seen.unchanged(file, digest)):
                 continue
-            if sha256_file(file) != digest:
+            try:
+                before = stamp(file)
+                actual = sha256_file(file)
+            except OSError as exc:
+                raise ModelFolderError(f"{file} could not be read ({exc}); check the folder's "
+                                       "permissions or copy it again.") from exc
+            if actual != digest:
                 raise ModelFolderError(
                     f"{file} does not match the sha256 in manifest.json (corrupt or partial "
                     "copy); copy the folder again or re-export it.")
             if seen is not None:
-                seen.record(file, digest)
+                seen.record(file, digest, before)
         if seen is not None:
             seen.save()
         return manifest
@@ -184,6 +190,21 @@ def _fix_mmap_threshold() -> None:
         pass  # not glibc: nothing to tune
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def spin_from_env() -> bool:
+    """GPT2ONNX_SPIN: unset means on; 1/true/yes/on or 0/false/no/off."""
+    value = os.environ.get(SPIN_ENV)
+    if value is None or value.strip().lower() in _ON:
+        return True
+    if value.strip().lower() in _OFF:
+        return False
+    raise InvalidParameterError(SPIN_ENV, f"{SPIN_ENV}={value!r} is not one of "
+                                f"{'/'.join(_ON)} or {'/'.join(_OFF)}; set it to 0 to turn "
+                                "intra-op spinning off, or unset it.")
+
+
 def session_options(threads: int | None = None, spinning: bool | None = None
                     ) -> ort.SessionOptions:
     """The session options of every gpt2onnx session (and of the bench's GEMV floor, so
@@ -207,7 +228,7 @@ def session_options(threads: int | None = None, spinning: bool | None = None
     if threads:
         opts.intra_op_num_threads = threads
     if spinning is None:
-        spinning = os.environ.get(SPIN_ENV, "1") != "0"
+        spinning = spin_from_env()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
 

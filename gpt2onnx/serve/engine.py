@@ -422,6 +422,8 @@ class Engine:
         first = True
         while True:
             with self._wake:
+                if not first:  # time went by in the last prefill
+                    self._expire_waiting()
                 incoming, budget = self._take_admissible(budget, first)
                 self.metrics.queue_depth.set(len(self._waiting))
             if not incoming:
@@ -442,7 +444,7 @@ class Engine:
         taken: list[Ticket] = []
         while self._waiting:
             rows = self._waiting[0].request.rows
-            cost = sum(len(r.prompt_ids) for r in rows)
+            cost = self._prefill_cost(rows)
             if len(rows) > free or ((taken or not first) and cost > budget):
                 break
             taken.append(self._waiting.popleft())
@@ -451,6 +453,13 @@ class Engine:
             if not self._continuous:
                 break
         return taken, budget
+
+    def _prefill_cost(self, rows: Sequence[Any]) -> int:
+        """Prompt tokens a request's rows prefill: repeated prompts (``n`` > 1) run once
+        where the cache copies slots."""
+        if self._gen is not None and self._gen.cache.supports_slot_copy:
+            return sum(len(p) for p in {tuple(r.prompt_ids) for r in rows})
+        return sum(len(r.prompt_ids) for r in rows)
 
     def _admit(self, tickets: list[Ticket]) -> None:
         """Prefill every row of the incoming requests into free slots (rows in adjacent

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.runtime import Model
 from gpt2onnx.runtime.folder import SPIN_ENV, session_options
 
@@ -17,6 +18,9 @@ SPIN_KEY = "session.intra_op.allow_spinning"
     (None, None, "1"),  # onnxruntime's own default
     ("0", None, "0"),
     ("1", None, "1"),
+    ("off", None, "0"),
+    (" False ", None, "0"),
+    ("yes", None, "1"),
     ("0", True, "1"),  # an explicit argument wins over the environment
     (None, False, "0"),
 ])
@@ -44,3 +48,11 @@ def test_model_passes_spinning_to_its_session(tiny_fused: Path,
     Model(tiny_fused, spinning=False)
     Model(tiny_fused)
     assert seen == [False, None]
+
+
+@pytest.mark.parametrize("bad", ["", "2", "maybe"])
+def test_a_bad_spin_variable_is_a_typed_error(monkeypatch: pytest.MonkeyPatch,
+                                              bad: str) -> None:
+    monkeypatch.setenv(SPIN_ENV, bad)
+    with pytest.raises(InvalidParameterError, match=f"{SPIN_ENV}={bad!r} is not one of"):
+        session_options()

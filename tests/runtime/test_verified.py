@@ -14,7 +14,7 @@ import pytest
 import gpt2onnx.runtime.folder as folder_mod
 from gpt2onnx.contract import MANIFEST_FILE
 from gpt2onnx.errors import InvalidParameterError, ModelFolderError
-from gpt2onnx.runtime import Model
+from gpt2onnx.runtime import Model, verified
 from gpt2onnx.runtime.folder import open_manifest
 from gpt2onnx.runtime.verified import CACHE_DIR_ENV, RECORD_FILE
 
@@ -23,6 +23,7 @@ from gpt2onnx.runtime.verified import CACHE_DIR_ENV, RECORD_FILE
 def hashed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     """The files sha256_file reads, in a private cache folder."""
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_NS", 0)  # the copies below are seconds old at most
     calls: list[str] = []
     original = folder_mod.sha256_file
 
@@ -105,3 +106,46 @@ def test_a_corrupt_record_is_ignored(copy: Path, hashed: list[str], tmp_path: Pa
 def test_bad_verify_value(copy: Path, bad: object) -> None:
     with pytest.raises(InvalidParameterError, match="verify must be True, False or 'full'"):
         open_manifest(copy, verify=bad)  # type: ignore[arg-type]
+
+
+def test_a_file_changed_while_hashed_is_not_recorded(copy: Path, hashed: list[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truncated right after its hash matched (a copy over a folder being loaded): the
+    stamp moved, so nothing vouches for the damaged file and the next load catches it."""
+    original = folder_mod.sha256_file
+
+    def hash_then_truncate(path: Path) -> str:
+        digest = original(path)
+        if Path(path).name == "model.onnx":
+            with open(path, "r+b") as handle:
+                handle.truncate(10)
+        return digest
+
+    monkeypatch.setattr(folder_mod, "sha256_file", hash_then_truncate)
+    open_manifest(copy)  # this load saw the intact bytes
+    monkeypatch.setattr(folder_mod, "sha256_file", original)
+    with pytest.raises(ModelFolderError, match="does not match the sha256"):
+        open_manifest(copy)
+
+
+def test_a_file_written_just_now_is_hashed_again(copy: Path, hashed: list[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verified, "RACY_NS", 3600 * 10**9)  # everything counts as "just now"
+    open_manifest(copy)
+    first = len(hashed)
+    open_manifest(copy)
+    assert first > 0 and len(hashed) == 2 * first
+
+
+def test_no_home_folder_means_no_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert verified.cache_dir() is None
+    record = verified.VerifiedFiles()
+    record.save()  # nothing to write to, and no error
+    assert record.path is None

@@ -279,3 +279,13 @@ def test_arrival_during_a_prefill_joins_the_same_boundary_within_budget(
     assert calls[:3] == order
     assert first.choices[0].text == greedy_text("First", 4, **GREEDY)
     assert text == greedy_text("Late arrival", 4, **GREEDY)
+
+
+def test_prefill_budget_charges_a_repeated_prompt_once(module_engine: Engine) -> None:
+    """n choices of one prompt are prefilled once (slot copies), so the budget counts the
+    prompt once: a request with n=4 does not wait a step it does not need."""
+    ids = module_engine.model.encode("Hello there")
+    request = module_engine.request(ids, GenerationParams(max_new_tokens=2), n=4)
+    assert module_engine._prefill_cost(request.rows) == len(ids)
+    two = module_engine.request(ids, GenerationParams(max_new_tokens=2), n=1)
+    assert module_engine._prefill_cost(two.rows + request.rows) == len(ids)

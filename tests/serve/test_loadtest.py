@@ -105,6 +105,8 @@ def test_goodput_counts_requests_within_every_objective() -> None:
     assert (report.good_requests, report.request_goodput) == (1, 0.5)
     assert "Requests within ttft <= 50 ms, tpot <= 50 ms:" in loadtest.format_report(report)
     assert loadtest.summarize("u", "m", 4, None, True, [fast], 1.0).good_requests is None
+    one_token = loadtest.RequestResult(True, 0.03, ttft_s=0.03, output_tokens=1)
+    assert loadtest.meets(one_token, slo)  # no time per output token: 0, as vllm counts it
     for bad in ("ttft", "ttft:-1", "ttft:x", "latency:50", "tpot:nan"):
         with pytest.raises(ValueError, match="KEY:MS"):
             loadtest.parse_goodput([bad])
