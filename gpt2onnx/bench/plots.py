@@ -27,6 +27,15 @@ def _color(r: dict[str, Any], name: str) -> str:
     return f"C{list(r['variants']).index(name) % 10}"
 
 
+def _save_line_plot(plt: Any, fig: Any, ax: Any, path: Path) -> None:
+    """Grid, legend outside the axes on the right, then write the PNG."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def latency_vs_position(r: dict[str, Any], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 5))
@@ -39,11 +48,7 @@ def latency_vs_position(r: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("context position (tokens already in context)")
     ax.set_ylabel("ms per token (log)")
     ax.set_title(f"Per-token latency as the context grows, batch 1 ({_header(r)})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_line_plot(plt, fig, ax, path)
 
 
 def tokens_vs_batch(r: dict[str, Any], path: Path) -> None:
@@ -59,11 +64,7 @@ def tokens_vs_batch(r: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens/s, all rows (log)")
     ax.set_title(f"Throughput vs batch size ({_header(r)})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_line_plot(plt, fig, ax, path)
 
 
 def ms_vs_floor(r: dict[str, Any], path: Path) -> None:

@@ -32,9 +32,6 @@ SPIN_ENV = "GPT2ONNX_SPIN"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
-VERIFY_MODES = (True, False, "full")
-
-
 def open_manifest(folder: str | Path, verify: bool | str = True) -> Manifest:
     """Read (or, for an optimum folder, derive) the manifest and check the files.
 
@@ -49,8 +46,7 @@ def open_manifest(folder: str | Path, verify: bool | str = True) -> Manifest:
         InvalidParameterError: ``verify`` is none of True, False, "full".
         ModelFolderError: missing folder, missing or corrupt file, unreadable manifest.
     """
-    if not any(verify is mode or (isinstance(mode, str) and verify == mode)
-               for mode in VERIFY_MODES):
+    if not (verify is True or verify is False or verify == "full"):
         raise InvalidParameterError("verify", f"verify must be True, False or 'full', got "
                                     f"{verify!r}.")
     path = Path(folder)

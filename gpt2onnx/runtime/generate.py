@@ -14,6 +14,17 @@ from gpt2onnx.runtime.model import Model
 from gpt2onnx.runtime.params import GenerationParams
 
 
+def add_session_args(p: argparse.ArgumentParser) -> None:
+    """--provider, --threads and --no-spin: how a CLI's Model builds its session (the
+    generate and serve CLIs share them)."""
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--no-spin", dest="spinning", action="store_false", default=None,
+                   help="idle onnxruntime threads sleep instead of busy-waiting: faster on "
+                        "a CPU shared with other busy processes (default: spin, unless "
+                        "GPT2ONNX_SPIN=0)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gpt2onnx.runtime.generate",
                                 description="Generate text from an exported model folder.")
@@ -30,12 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--truncate", action="store_true",
                    help="shorten the prompt / max-new-tokens to fit the context instead of "
                         "refusing")
-    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
-    p.add_argument("--no-spin", dest="spinning", action="store_false", default=None,
-                   help="idle onnxruntime threads sleep instead of busy-waiting: faster on "
-                        "a CPU shared with other busy processes (default: spin, unless "
-                        "GPT2ONNX_SPIN=0)")
+    add_session_args(p)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)

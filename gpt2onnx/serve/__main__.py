@@ -12,6 +12,7 @@ import uvicorn
 
 from gpt2onnx.errors import Gpt2OnnxError
 from gpt2onnx.runtime.folder import open_manifest
+from gpt2onnx.runtime.generate import add_session_args
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
 from gpt2onnx.serve.engine import Engine, EngineConfig
@@ -28,12 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--no-spin", dest="spinning", action="store_false", default=None,
-                   help="idle onnxruntime threads sleep instead of busy-waiting: faster on "
-                        "a CPU shared with other busy processes (default: spin, unless "
-                        "GPT2ONNX_SPIN=0)")
+    add_session_args(p)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help="cache slots: rows decoded together")
     p.add_argument("--max-queue", type=int, default=d.max_queue,

@@ -35,7 +35,31 @@ def _unpack(items: Iterable[Any]) -> tuple[list[ChoiceDelta], bool]:
     return merge_deltas(deltas), done
 
 
-class AsyncStream:
+class _Stream:
+    """What both streams share: an inbox the engine thread pushes into, and the ticket."""
+
+    _inbox: Any  # asyncio.Queue or queue.SimpleQueue: both have empty() and get_nowait()
+    _finished: bool
+    ticket: Ticket
+
+    def _drain(self, first: Any) -> list[ChoiceDelta]:
+        """``first`` and whatever else is already waiting, merged; [] when none of it was
+        output (the stream may have finished)."""
+        items = [first]
+        while not self._inbox.empty():
+            items.append(self._inbox.get_nowait())
+        try:
+            deltas, self._finished = _unpack(items)
+        except BaseException:
+            self._finished = True
+            raise
+        return deltas
+
+    def cancel(self) -> None:
+        self.ticket.cancel()
+
+
+class AsyncStream(_Stream):
     """``async for deltas in engine.stream(request)``. Submitting happens at construction,
     so queue-full and validation errors raise before any output. Cancel it (or leave an
     ``async with`` block) to free the request's slots at the next step; a stream dropped
@@ -59,20 +83,9 @@ class AsyncStream:
 
     async def __anext__(self) -> list[ChoiceDelta]:
         while not self._finished:
-            items = [await self._inbox.get()]
-            while not self._inbox.empty():
-                items.append(self._inbox.get_nowait())
-            try:
-                deltas, self._finished = _unpack(items)
-            except BaseException:
-                self._finished = True
-                raise
-            if deltas:
+            if deltas := self._drain(await self._inbox.get()):
                 return deltas
         raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        self.ticket.cancel()
 
     async def __aenter__(self) -> AsyncStream:
         return self
@@ -81,7 +94,7 @@ class AsyncStream:
         self.cancel()
 
 
-class SyncStream:
+class SyncStream(_Stream):
     """``for deltas in engine.stream_sync(request)``: the blocking twin of ``AsyncStream``."""
 
     def __init__(self, submit: Submit, request: EngineRequest) -> None:
@@ -96,20 +109,9 @@ class SyncStream:
 
     def __next__(self) -> list[ChoiceDelta]:
         while not self._finished:
-            items = [self._inbox.get()]
-            while not self._inbox.empty():
-                items.append(self._inbox.get_nowait())
-            try:
-                deltas, self._finished = _unpack(items)
-            except BaseException:
-                self._finished = True
-                raise
-            if deltas:
+            if deltas := self._drain(self._inbox.get()):
                 return deltas
         raise StopIteration
-
-    def cancel(self) -> None:
-        self.ticket.cancel()
 
     def __enter__(self) -> SyncStream:
         return self
