@@ -15,7 +15,10 @@ from typing import Any
 
 from gpt2onnx.errors import ModelFolderError
 
-FORMAT_VERSION = 1
+# 2: the fused graph takes ``logits_index`` and returns logits [batch, kept, vocab].
+# Version 1 folders (logits for each row's last token only) still load and generate.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "export_report.json"
 GRAPH_FILE = "model.onnx"
@@ -36,6 +39,9 @@ LOGITS = "logits"
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 NEXT_TOKEN = "next_token"
+# Fused layout, format 2: [batch, kept] int64 positions within this step (0 = the step's
+# first new token) whose logits the graph computes; the LM head runs on those alone.
+LOGITS_INDEX = "logits_index"
 
 
 def past_name(layer: int, kind: str) -> str:
@@ -85,16 +91,17 @@ def fused_io(n_layer: int, n_head: int, head_dim: int, vocab: int, cache_dtype: 
              ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """IO of the fused layout: past and present share one [batch, heads, max_length, dim]
     buffer per layer (updated in place), rows are right-padded and carry their own
-    cache length in ``seqlens_k``; logits only for each row's last real token."""
+    cache length in ``seqlens_k``; logits only at the positions ``logits_index`` names."""
     inputs = [
         TensorSpec(INPUT_IDS, "int64", ("batch", "seq")),
         TensorSpec(POSITION_IDS, "int64", ("batch", "seq")),
         TensorSpec(SEQLENS_K, "int32", ("batch",)),
         TensorSpec(TOTAL_SEQUENCE_LENGTH, "int32", ()),
+        TensorSpec(LOGITS_INDEX, "int64", ("batch", "kept")),
     ]
     outputs = [
-        TensorSpec(LOGITS, cache_dtype_logits(cache_dtype), ("batch", vocab)),
-        TensorSpec(NEXT_TOKEN, "int64", ("batch",)),
+        TensorSpec(LOGITS, cache_dtype_logits(cache_dtype), ("batch", "kept", vocab)),
+        TensorSpec(NEXT_TOKEN, "int64", ("batch", "kept")),
     ]
     for past, present in cache_names(n_layer):
         inputs.append(TensorSpec(past, cache_dtype, ("batch", n_head, "max_length", head_dim)))
@@ -160,10 +167,11 @@ class Manifest:
         if not isinstance(data, dict):
             raise ModelFolderError(f"{path} must hold a JSON object; re-export the folder.")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ModelFolderError(
-                f"{path} has format_version {version!r}; this gpt2onnx reads version "
-                f"{FORMAT_VERSION}. Re-export the folder with this version of gpt2onnx."
+                f"{path} has format_version {version!r}; this gpt2onnx reads versions "
+                f"{list(READABLE_FORMAT_VERSIONS)}. Re-export the folder with this version of "
+                "gpt2onnx."
             )
         known = {f.name for f in fields(cls)}
         required = {
@@ -179,6 +187,12 @@ class Manifest:
             )
         return manifest
 
+    @property
+    def any_logits(self) -> bool:
+        """Whether the graph returns logits at any positions asked for (fused format 2,
+        and the standard layout, which returns every position); fused format-1 folders
+        return each row's last position only."""
+        return self.layout == LAYOUT_STANDARD or LOGITS_INDEX in self.inputs
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

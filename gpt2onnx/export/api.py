@@ -160,14 +160,17 @@ def export_model(source: str | Path, out_dir: str | Path,
             }
             if opts.validate:
                 progress.stage("validating against PyTorch")
-                from gpt2onnx.export.validate import validate_folder
+                from gpt2onnx.export.validate import validate_folder, validation_provider
 
-                result = validate_folder(tmp, torch_model, opts.precision)
+                run_on, why = validation_provider(opts.provider if opts.layout == LAYOUT_FUSED
+                                                  else "cpu")
+                result = validate_folder(tmp, torch_model, opts.precision, provider=run_on,
+                                         validated_on=why)
                 report["validation"] = result.to_dict()
                 progress.done()
                 progress.close()
-                print(f"validation ({opts.layout} {opts.precision}) against transformers "
-                      f"GPT2LMHeadModel:\n{result.summary()}", file=sys.stderr)
+                print(f"validation ({opts.layout} {opts.precision}, on {why}) against "
+                      f"transformers GPT2LMHeadModel:\n{result.summary()}", file=sys.stderr)
                 if not result.passed:
                     raise ValidationError(
                         f"validation failed for {opts.layout} {opts.precision}; nothing was "

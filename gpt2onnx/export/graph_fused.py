@@ -4,8 +4,9 @@ Per layer: MatMul(qkv) -> GroupQueryAttention on packed QKV, whose past and pres
 are one preallocated [batch, n_head, max_length, head_dim] buffer (the runtime binds
 the same OrtValue to both), then SkipLayerNormalization folds the residual add, the
 projection bias and the next LayerNorm into one kernel; FastGelu folds the MLP bias.
-Only each row's last real token goes through ln_f and the LM head, and an ArgMax
-output gives greedy decoding its token without copying logits off the device.
+Only the positions named by ``logits_index`` go through ln_f and the LM head (the last
+token of a prompt, k+1 positions of a verification, all of them for scoring), and an
+ArgMax output gives greedy decoding its token without copying logits off the device.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx
 from gpt2onnx.contract import (
     INPUT_IDS,
     LOGITS,
+    LOGITS_INDEX,
     NEXT_TOKEN,
     POSITION_IDS,
     SEQLENS_K,
@@ -106,21 +108,22 @@ def build_fused(spec: ModelSpec, w: Weights, quantized_head: bool = False) -> on
         else:
             x = g.op("Add", [g.op("Add", [down, down_b]), x], "final_residual")
 
-    # Each row's last real token sits at index seqlens_k - past (rows are right-padded and
-    # position_ids[:, 0] is the row's past length).
-    past_len = g.op("Gather", [POSITION_IDS, g.const([0])], "past_len", axis=1)  # [batch, 1]
-    last = g.op("Sub", [g.op("Cast", [SEQLENS_K], to=onnx.TensorProto.INT64),
-                        g.op("Squeeze", [past_len, g.const([1])])], "last_index")
-    last = g.op("Unsqueeze", [last, g.const([1])], "last_index_2d")  # [batch, 1]
-    x_last = g.op("GatherND", [x, last], "last_hidden", batch_dims=1)  # [batch, n_embd]
-    x_last = layer_norm(g, x_last, g.weight("transformer.ln_f.weight", w.ln_f_w),
+    # Only the asked-for positions reach ln_f and the LM head: [batch, kept, n_embd].
+    index = g.op("Unsqueeze", [LOGITS_INDEX, g.const([2])], "logits_index_3d")
+    x_kept = g.op("GatherND", [x, index], "kept_hidden", batch_dims=1)
+    x_kept = layer_norm(g, x_kept, g.weight("transformer.ln_f.weight", w.ln_f_w),
                         g.weight("transformer.ln_f.bias", w.ln_f_b), eps, "ln_f")
     if quantized_head:
         head = w.lm_head if w.lm_head is not None else w.wte
-        logits = g.op("MatMul", [x_last, g.weight("lm_head.weight_t",
+        logits = g.op("MatMul", [x_kept, g.weight("lm_head.weight_t",
                                                   np.ascontiguousarray(head.T))], LOGITS)
     else:
-        logits = g.op("Gemm", [x_last, lm_head_weight(g, w)], LOGITS, transB=1)
+        # Gemm reads the tied [vocab, n_embd] table in place but takes 2-D operands.
+        flat = g.op("Reshape", [x_kept, g.const([-1, spec.n_embd])], "kept_hidden_2d")
+        logits_2d = g.op("Gemm", [flat, lm_head_weight(g, w)], "logits_2d", transB=1)
+        out_shape = g.op("Concat", [g.op("Shape", [LOGITS_INDEX]), g.const([spec.vocab_size])],
+                         "logits_shape", axis=0)
+        logits = g.op("Reshape", [logits_2d, out_shape], LOGITS)
     next_token = g.op("ArgMax", [logits], NEXT_TOKEN, axis=-1, keepdims=0)
 
     g.add_output(outputs[0], logits)

@@ -79,6 +79,7 @@ class Check:
 class ValidationReport:
     precision: str
     thresholds: dict[str, Any]
+    validated_on: str = "cpu"  # the provider the numbers come from, and why
     checks: list[Check] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -91,6 +92,7 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"precision": self.precision, "passed": self.passed,
+                "validated_on": self.validated_on,
                 "thresholds": self.thresholds, "checks": [asdict(c) for c in self.checks],
                 "metrics": self.metrics}
 
@@ -119,14 +121,16 @@ class _TorchRow:
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids]), use_cache=True)
         self.cache = out.past_key_values
-        self.logits = out.logits[0, -1].float().numpy()
+        self.all_logits = out.logits[0].float().numpy()  # [len, vocab]
+        self.logits = self.all_logits[-1]
 
-    def step(self, token: int) -> None:
+    def step(self, *tokens: int) -> None:
         with self.torch.no_grad():
-            out = self.model(input_ids=self.torch.tensor([[token]]),
+            out = self.model(input_ids=self.torch.tensor([list(tokens)]),
                              **{self.cache_kw: self.cache}, use_cache=True)
         self.cache = out.past_key_values
-        self.logits = out.logits[0, -1].float().numpy()
+        self.all_logits = out.logits[0].float().numpy()
+        self.logits = self.all_logits[-1]
 
     def kv(self, index: int) -> np.ndarray:
         key, value = _layer_kv(self.cache, index // 2)
@@ -158,18 +162,40 @@ class _Errors:
         self.cache_rel[index] = max(self.cache_rel[index], diff / scale)
 
 
+def validation_provider(target: str) -> tuple[str, str]:
+    """Where a folder built for ``target`` is validated, and why: on its own provider when
+    this onnxruntime has it and a device answers; a CUDA folder otherwise has its numbers
+    checked on the CPU provider (fused fp16 and int4 have CPU kernels)."""
+    if target != "cuda":
+        return "cpu", "cpu"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return "cuda", "cuda"
+    return "cpu", ("cpu provider: this onnxruntime has no CUDA provider, so the CUDA "
+                   "folder's numbers were checked on the CPU kernels, not on a GPU")
+
+
 def validate_folder(folder: Path, torch_model: Any, precision: str, provider: str = "cpu",
                     n_batches: int = 2, decode_steps: int = 3, seed: int = 0,
-                    thresholds: Thresholds | None = None) -> ValidationReport:
-    """Compare ``folder`` with ``torch_model``; returns a report (``.passed`` says if it held)."""
+                    thresholds: Thresholds | None = None,
+                    validated_on: str = "") -> ValidationReport:
+    """Compare ``folder`` with ``torch_model``; returns a report (``.passed`` says if it held).
+
+    Args:
+        provider: the provider to run the folder on (it may differ from the one the
+            folder targets: see ``validation_provider``).
+        validated_on: what to say about where it ran (the report keeps it).
+    """
     import torch
 
     # The runtime validates what it will run; it never imports the exporter, only the reverse.
+    from gpt2onnx.runtime.cache import Append
     from gpt2onnx.runtime.model import Model
     from gpt2onnx.runtime.params import GenerationParams
 
     th = thresholds or THRESHOLDS[precision]
-    model = Model(folder, provider=provider, verify=False)
+    model = Model(folder, provider=provider, verify=False, target_check=False)
     m = model.manifest
     rng = np.random.default_rng(seed)
     names = cache_names(m.n_layer)
@@ -187,8 +213,15 @@ def validate_folder(folder: Path, torch_model: Any, precision: str, provider: st
                 for k, n in enumerate(lengths)]
         refs = [_TorchRow(torch_model, r) for r in rows]
         cache = model.cache(len(rows))
-        cache.reset()
-        ours = cache.prefill(rows)
+        # The prompt step returns logits at every position where the graph can (format 2).
+        keep = [len(r) if m.any_logits else 1 for r in rows]
+        res = cache.step([Append(i, r, k) for i, (r, k) in enumerate(zip(rows, keep,
+                                                                          strict=True))])
+        for i, ref in enumerate(refs):
+            for ours, theirs in zip(res.logits(i)[:-1], ref.all_logits[len(rows[i]) - keep[i]:],
+                                    strict=False):
+                err.add_logits(ours, theirs)
+        ours = [res.logits(i)[-1] for i in range(len(rows))]
         for step in range(decode_steps + 1):
             for i, ref in enumerate(refs):
                 err.add_logits(ours[i], ref.logits)
@@ -196,10 +229,21 @@ def validate_folder(folder: Path, torch_model: Any, precision: str, provider: st
                     err.add_cache(j, cache.row_kv(j, i), ref.kv(j))
             if step == decode_steps:
                 break
-            tokens = np.array([int(np.argmax(ref.logits)) for ref in refs], np.int64)
+            tokens = [int(np.argmax(ref.logits)) for ref in refs]
             for ref, t in zip(refs, tokens, strict=True):
-                ref.step(int(t))
-            ours = cache.decode(tokens)
+                ref.step(t)
+            res = cache.step([Append(i, [t]) for i, t in enumerate(tokens)])
+            ours = [res.logits(i)[-1] for i in range(len(rows))]
+        if m.any_logits:
+            # Three tokens onto a slot with a past, logits at all three (a verification).
+            more = _cut(texts[(2 * b + 1) % len(texts)][::-1], 3, rng, m.vocab_size)
+            refs[0].step(*more)
+            res = cache.step([Append(0, more, 3)])
+            for ours_row, theirs in zip(res.logits(0), refs[0].all_logits, strict=True):
+                err.add_logits(ours_row, theirs)
+            for j in range(len(names)):
+                err.add_cache(j, cache.row_kv(j, 0), refs[0].kv(j))
+        model._return_cache(cache)
 
     # 32 greedy tokens: transformers' generate vs the runtime's loop (free-running), and
     # our argmax along transformers' path (teacher-forced).
@@ -214,19 +258,19 @@ def validate_folder(folder: Path, torch_model: Any, precision: str, provider: st
     prefix = next((i for i, (a, b) in enumerate(zip(got.token_ids, hf_tokens, strict=False))
                    if a != b), min(len(got.token_ids), len(hf_tokens)))
     cache = model.cache(1)
-    cache.reset()
-    logits = cache.prefill([prompt])
+    logits = cache.step([Append(0, prompt)]).logits(0)[-1]
     forced = []
     for t in hf_tokens:
-        forced.append(int(np.argmax(logits[0])) == t)
-        logits = cache.decode(np.array([t], np.int64))
+        forced.append(int(np.argmax(logits)) == t)
+        logits = cache.step([Append(0, [t])]).logits(0)[-1]
     forced_rate = float(np.mean(forced))
 
     all_diffs = np.concatenate([d.ravel() for d in err.logit_diffs])
     confidence = float(np.median(err.confidence))
     untrained = "" if confidence >= TRAINED_CONFIDENCE else (
         f"reference near-uniform, median top-1 p={confidence:.2g} (random weights)")
-    report = ValidationReport(precision=precision, thresholds=asdict(th))
+    report = ValidationReport(precision=precision, thresholds=asdict(th),
+                              validated_on=validated_on or provider)
     report.checks.append(Check("logits max|diff|/range", err.logit_rel, th.logits_rel,
                                err.logit_rel <= th.logits_rel))
     for j, (_, present) in enumerate(names):

@@ -17,6 +17,7 @@ from gpt2onnx.errors import (
 from gpt2onnx.runtime.generator import Generator
 from gpt2onnx.runtime.model import GenerationResult, Model
 from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.runtime.scoring import ScoreResult
 
 __all__ = [
     "GenerationParams",
@@ -28,4 +29,5 @@ __all__ = [
     "ModelFolderError",
     "PromptTooLongError",
     "ProviderUnavailableError",
+    "ScoreResult",
 ]

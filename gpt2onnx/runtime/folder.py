@@ -116,7 +116,8 @@ def _manifest_from_optimum(path: Path) -> Manifest:
 
 def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
                  threads: int | None = None, cuda_graph: bool = False,
-                 profile: bool = False, spinning: bool | None = None) -> ort.InferenceSession:
+                 profile: bool = False, spinning: bool | None = None,
+                 target_check: bool = True) -> ort.InferenceSession:
     """An InferenceSession for the folder's graph on one provider, checked against the manifest.
 
     Raises:
@@ -133,7 +134,7 @@ def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
             f"provider {provider!r} needs {PROVIDERS[provider]}, which this onnxruntime build "
             f"lacks (it has {available}). Install the GPU build: `pip uninstall onnxruntime && "
             "pip install 'gpt2onnx[gpu]'` (onnxruntime-gpu replaces onnxruntime).")
-    if manifest.provider not in ("any", provider):
+    if target_check and manifest.provider not in ("any", provider):
         raise ProviderUnavailableError(
             f"this folder was exported for the {manifest.provider!r} provider "
             f"(precision {manifest.precision}, layout {manifest.layout}); export another with "

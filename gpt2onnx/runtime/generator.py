@@ -1,23 +1,28 @@
-"""The decode loop: prefill once, then one token per row per step, until every row stops.
+"""The decode loop: every step appends tokens to slots through the cache's one verb.
 
-One step: write ids/positions into the bound buffers -> run -> read the last logits ->
-pick a token per row -> check stop conditions. The CLI, the batch API, streaming, the
-server and the benchmark all drive this class; there is no second loop.
+One step: gather what each slot appends (a waiting prompt, or the token picked last step)
+-> ``cache.step`` -> logits only where a row needs them -> pick a token per row over the
+batch -> check stop conditions. The CLI, the batch API, streaming, scoring, the server
+and the benchmark all drive this class; there is no second loop.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from gpt2onnx.errors import InvalidParameterError, PromptTooLongError
+from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError, PromptTooLongError
+from gpt2onnx.runtime.cache import Append, StepResult
 from gpt2onnx.runtime.params import GenerationParams
-from gpt2onnx.runtime.sampling import apply_repetition_penalty, log_softmax, sample_token
+from gpt2onnx.runtime.sampling import RowSampler, log_softmax, pick_tokens
 
 if TYPE_CHECKING:
     from gpt2onnx.runtime.model import Model
@@ -27,14 +32,19 @@ FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 
 
+class GeneratorBusyError(Gpt2OnnxError, RuntimeError):
+    """Two threads drove one Generator at once: its cache and rows have one driver."""
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's log-probability under the model (before penalties and
-    temperature, as vLLM reports by default) and the most likely alternatives."""
+    """One token's log-probability under the model (before penalties and temperature, as
+    vLLM reports by default) and the most likely alternatives."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, log-prob), most likely first
+    rank: int = 1  # 1 + how many tokens are more likely than this one
 
 
 @dataclass
@@ -44,14 +54,15 @@ class Row:
     prompt_ids: list[int]
     params: GenerationParams
     max_new_tokens: int
+    sampler: RowSampler
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     emitted: int = 0  # characters of ``text`` already handed to a streaming caller
-    rng: np.random.Generator | None = None
-    seen: set[int] = field(default_factory=set)
     decoder: DecodeStream | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry
+    # One per prompt token when params.prompt_logprobs is set; the first has no context.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -60,12 +71,15 @@ class Row:
 
 @dataclass
 class Timings:
+    """Bounded: a long-lived generator (the server's) keeps a sum, not a list."""
+
     prefill_ms: float = 0.0
-    decode_ms: list[float] = field(default_factory=list)
+    decode_ms_total: float = 0.0
+    decode_steps: int = 0
 
     @property
     def decode_ms_per_token(self) -> float:
-        return float(np.mean(self.decode_ms)) if self.decode_ms else 0.0
+        return self.decode_ms_total / self.decode_steps if self.decode_steps else 0.0
 
 
 def plan_row(prompt_ids: Sequence[int], params: GenerationParams, capacity: int, vocab: int
@@ -95,8 +109,10 @@ def plan_row(prompt_ids: Sequence[int], params: GenerationParams, capacity: int,
             "max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens "
             f"({params.max_new_tokens}) = {wanted} exceeds the context of {capacity}; ask for "
             f"at most {capacity - len(ids)} new tokens or pass on_overflow='truncate'.")
-    if len(ids) >= capacity:
-        ids = ids[-(capacity - 1):]  # keep the most recent text, room for one new token
+    # Keep the most recent text, with room for one new token when any is asked for.
+    keep = capacity - (1 if params.max_new_tokens else 0)
+    if len(ids) > keep:
+        ids = ids[-keep:]
     return ids, min(params.max_new_tokens, capacity - len(ids))
 
 
@@ -111,8 +127,11 @@ class Generator:
             ``add`` prefills a new row into a free slot between steps and ``release``
             frees one at once: continuous batching.
 
-    Use ``generate_next_token()`` until ``is_done()``; ``rows`` holds ids, text and
-    finish reasons per slot (None for a free slot). Not thread-safe: one thread drives it.
+    The generator owns its cache: two generators never share buffers, and the cache goes
+    back to the model's small idle pool when the generator is closed or collected. Use
+    ``generate_next_token()`` until ``is_done()``; ``rows`` holds ids, text and finish
+    reasons per slot (None for a free slot). One thread drives it at a time; a second
+    one gets ``GeneratorBusyError``.
     """
 
     def __init__(self, model: Model, prompts: Sequence[Sequence[int]],
@@ -123,34 +142,63 @@ class Generator:
             raise InvalidParameterError("params", f"{len(per_row)} params for {len(prompts)} "
                                         "prompts; pass one, or one per prompt.")
         size = batch_size if batch_size is not None else len(prompts)
-        if size < max(1, len(prompts)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < max(1, len(prompts)):
             raise InvalidParameterError(
-                "batch_size", f"batch_size must be >= the number of prompts ({len(prompts)}) "
-                f"and >= 1, got {size}.")
+                "batch_size", f"batch_size must be an integer >= the number of prompts "
+                f"({len(prompts)}) and >= 1, got {size!r}.")
         self.model = model
-        self.cache = model.cache(size)
-        self.cache.reset()
         self.eos = model.manifest.eos_token_id
+        self.capacity = model.context_length
+        planned = [self._new_row(ids, p) for ids, p in zip(prompts, per_row, strict=True)]
+        self.cache = model.cache(size)
+        # The cache returns to the model's idle pool when this generator is gone.
+        self._finalizer = weakref.finalize(self, model._return_cache, self.cache)
         self.rows: list[Row | None] = [None] * size
-        for slot, (ids, p) in enumerate(zip(prompts, per_row, strict=True)):
-            self.rows[slot] = self._new_row(ids, p)
+        self._waiting: list[int] = []  # slots whose prompt is not in the cache yet
+        for slot, row in enumerate(planned):
+            self.rows[slot] = row
+            self._waiting.append(slot)
         self.timings = Timings()
-        self._pending = len(prompts) > 0  # initial prompts wait for the first step
         self._last = np.zeros(size, np.int64)  # [batch] token each slot feeds next step
         self._active = np.zeros(size, bool)  # [batch] slots that decode next step
+        self._driver = threading.Lock()
+
+    def close(self) -> None:
+        """Hand the cache back to the model now (also happens when the generator is
+        collected); the generator cannot step afterwards."""
+        self._finalizer()
+
+    @contextmanager
+    def _driving(self) -> Iterator[None]:
+        if not self._driver.acquire(blocking=False):
+            raise GeneratorBusyError(
+                "another thread is driving this Generator; a Generator (and its cache) has "
+                "one driver at a time: give each thread its own Generator.")
+        try:
+            if not self._finalizer.alive:
+                raise RuntimeError("this Generator was closed; start a new one")
+            yield
+        finally:
+            self._driver.release()
 
     def _new_row(self, ids: Sequence[int], params: GenerationParams) -> Row:
-        ids, n_new = plan_row(ids, params, self.cache.capacity, self.model.manifest.vocab_size)
+        ids, n_new = plan_row(ids, params, self.capacity, self.model.manifest.vocab_size)
+        if params.prompt_logprobs is not None and not self.model.manifest.any_logits:
+            raise InvalidParameterError(
+                "prompt_logprobs", "this model folder (format 1) returns logits for the last "
+                "position only, so prompt log-probs are unavailable; re-export it with this "
+                "version of gpt2onnx (`python -m gpt2onnx.export`).")
         return Row(prompt_ids=ids, params=params, max_new_tokens=n_new,
-                   rng=np.random.default_rng(params.seed), seen=set(ids),
+                   sampler=RowSampler(params, ids, self.eos),
                    decoder=DecodeStream(skip_special_tokens=True))
 
     @property
     def free_slots(self) -> list[int]:
-        return [i for i, r in enumerate(self.rows) if r is None or (r.done and not self._active[i])]
+        return [i for i, r in enumerate(self.rows)
+                if r is None or (r.done and not self._active[i] and i not in self._waiting)]
 
     def is_done(self) -> bool:
-        return not self._pending and not self._active.any()
+        return not self._waiting and not self._active.any()
 
     def add(self, prompt_ids: Sequence[int], params: GenerationParams,
             slot: int | None = None) -> int:
@@ -160,24 +208,11 @@ class Generator:
             InvalidParameterError / PromptTooLongError: bad prompt or parameters.
             RuntimeError: no free slot, or a layout without per-row caches.
         """
-        if not self.cache.supports_slots:
-            raise RuntimeError("rows can join a running batch only with the fused layout")
-        if self._pending:
-            self._prefill_initial()
-        row = self._new_row(prompt_ids, params)
-        if slot is None:
-            free = self.free_slots
-            if not free:
-                raise RuntimeError("no free slot: release a finished row first")
-            slot = free[0]
-        t0 = time.perf_counter()
-        logits = self.cache.prefill([row.prompt_ids], first_slot=slot)
-        self.rows[slot] = row
-        token = self._choose(logits[0], row, slot)
-        _record_logprob(row, logits[0], token)
-        self._take(slot, row, token)
-        self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
-        return slot
+        if slot is not None:
+            if not 0 <= slot < len(self.rows) or slot not in self.free_slots:
+                raise RuntimeError(f"slot {slot} is not free: release it first")
+            return self._add_rows([prompt_ids], [params], [slot])[0]
+        return self.add_rows([prompt_ids], [params])[0]
 
     def add_rows(self, prompts: Sequence[Sequence[int]], params: Sequence[GenerationParams]
                  ) -> list[int]:
@@ -187,125 +222,155 @@ class Generator:
         getting a copy of that row's cache slot and logits (where the cache can copy
         slots: CPU buffers). Returns the rows' slots, in order. On failure no row is left
         behind."""
-        if not self.cache.supports_slots:
-            raise RuntimeError("rows can join a running batch only with the fused layout")
-        if self._pending:
-            self._prefill_initial()
-        rows = [self._new_row(ids, p) for ids, p in zip(prompts, params, strict=True)]
-        free = self.free_slots
-        if len(rows) > len(free):
-            raise RuntimeError(f"{len(rows)} rows for {len(free)} free slots: release "
-                               "finished rows first")
-        source = list(range(len(rows)))  # source[k]: the row whose prefill row k reuses
-        if self.cache.supports_slot_copy:
-            first: dict[tuple[int, ...], int] = {}
-            source = [first.setdefault(tuple(r.prompt_ids), k) for k, r in enumerate(rows)]
-        runs = [k for k in range(len(rows)) if source[k] == k]
-        copies = [k for k in range(len(rows)) if source[k] != k]
-        # Rows that run take the lowest free slots, so adjacent ones share a run.
-        slots = [0] * len(rows)
-        for slot, k in zip(free, runs + copies, strict=False):
-            slots[k] = slot
-        t0 = time.perf_counter()
-        placed: list[int] = []  # slots already holding one of these rows
-        try:
-            start = 0
-            while start < len(runs):
-                end = start + 1  # runs[start:end]: rows whose slots are consecutive
-                while end < len(runs) and slots[runs[end]] == slots[runs[end - 1]] + 1:
-                    end += 1
-                group = runs[start:end]
-                self.cache.prefill([rows[k].prompt_ids for k in group],
-                                   first_slot=slots[group[0]])
-                for k in group:
-                    self.rows[slots[k]] = rows[k]
-                    placed.append(slots[k])
-                start = end
-            for k in copies:
-                self.cache.copy_slot(slots[source[k]], slots[k])
-                self.rows[slots[k]] = rows[k]
-                placed.append(slots[k])
-            logits = self.cache.last_logits()  # every run wrote its own rows
-            for k, row in enumerate(rows):
-                row_logits = logits[slots[source[k]]]
-                token = self._choose(row_logits, row, slots[k])
-                _record_logprob(row, row_logits, token)
-                self._take(slots[k], row, token)
-        except BaseException:
-            for slot in placed:
-                self.release(slot)
-            raise
-        self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
-        return slots
+        return self._add_rows(prompts, params, None)
+
+    def _add_rows(self, prompts: Sequence[Sequence[int]], params: Sequence[GenerationParams],
+                  slots_asked: list[int] | None) -> list[int]:
+        with self._driving():
+            if not self.cache.supports_slots:
+                raise RuntimeError("rows can join a running batch only with the fused layout")
+            if self._waiting:
+                self._prefill_waiting()
+            rows = [self._new_row(ids, p) for ids, p in zip(prompts, params, strict=True)]
+            free = slots_asked if slots_asked is not None else self.free_slots
+            if len(rows) > len(free):
+                raise RuntimeError(f"{len(rows)} rows for {len(free)} free slots: release "
+                                   "finished rows first")
+            # source[k]: the row whose prefill row k reuses (identical prompt, same keep).
+            source = list(range(len(rows)))
+            if self.cache.supports_slot_copy:
+                first: dict[tuple, int] = {}
+                source = [first.setdefault((tuple(r.prompt_ids), _keep(r)), k)
+                          for k, r in enumerate(rows)]
+            runs = [k for k in range(len(rows)) if source[k] == k]
+            copies = [k for k in range(len(rows)) if source[k] != k]
+            # Rows that run take the lowest free slots, so adjacent ones share a run.
+            slots = [0] * len(rows)
+            for slot, k in zip(free, runs + copies, strict=False):
+                slots[k] = slot
+            t0 = time.perf_counter()
+            try:
+                for slot in slots:
+                    self.cache.release(slot)
+                    self.rows[slot] = None
+                    self._active[slot] = False
+                result = self.cache.step([Append(slots[k], rows[k].prompt_ids, _keep(rows[k]))
+                                          for k in runs])
+                for k in copies:
+                    self.cache.copy_slot(slots[source[k]], slots[k])
+                at = {k: i for i, k in enumerate(runs)}
+                for k, row in enumerate(rows):
+                    self.rows[slots[k]] = row
+                self._after_prompts([(slots[k], rows[k], at[source[k]]) for k in range(len(rows))],
+                                    result)
+            except BaseException:
+                for slot in slots:
+                    self.cache.release(slot)
+                    self.rows[slot] = None
+                    self._active[slot] = False
+                raise
+            self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
+            return slots
 
     def release(self, slot: int) -> None:
         """Stop a row now (finished or cancelled); its slot is free for ``add``."""
-        row = self.rows[slot]
-        if row is not None and not row.done:
-            row.finish_reason = FINISH_CANCELLED
-        self._active[slot] = False
-        self.rows[slot] = None
+        with self._driving():
+            row = self.rows[slot]
+            if row is not None and not row.done:
+                row.finish_reason = FINISH_CANCELLED
+            self._active[slot] = False
+            if slot in self._waiting:
+                self._waiting.remove(slot)
+            self.rows[slot] = None
+            if self.cache.supports_slots:
+                self.cache.release(slot)
 
     def generate_next_token(self) -> np.ndarray:
         """Run one model step (the prefill of the initial prompts on the first call); return
         the token picked for each slot ([batch] int64, -1 where no row advanced)."""
-        if self._pending:
-            return self._prefill_initial()
-        if not self._active.any():
-            raise RuntimeError("generation is done; add a row or start a new Generator")
-        t0 = time.perf_counter()
-        logits = self.cache.decode(self._last, self._active)
-        picked = self._pick_all(logits, self._active.copy())
-        self.timings.decode_ms.append((time.perf_counter() - t0) * 1e3)
-        return picked
+        with self._driving():
+            if self._waiting:
+                return self._prefill_waiting()
+            if not self._active.any():
+                raise RuntimeError("generation is done; add a row or start a new Generator")
+            t0 = time.perf_counter()
+            slots = np.flatnonzero(self._active)
+            result = self.cache.step([Append(int(s), self._last[s:s + 1]) for s in slots])
+            picked = np.full(len(self.rows), -1, np.int64)
+            entries = []
+            for k, s in enumerate(slots.tolist()):
+                row = self.rows[s]
+                assert row is not None
+                entries.append((s, row, k))
+            self._pick(entries, result, picked)
+            self.timings.decode_ms_total += (time.perf_counter() - t0) * 1e3
+            self.timings.decode_steps += 1
+            return picked
 
-    def _prefill_initial(self) -> np.ndarray:
-        self._pending = False
+    def _prefill_waiting(self) -> np.ndarray:
         t0 = time.perf_counter()
-        n = sum(r is not None for r in self.rows)
-        logits = self.cache.prefill([r.prompt_ids for r in self.rows[:n] if r is not None])
-        mask = np.zeros(len(self.rows), bool)
-        mask[:n] = True
-        picked = self._pick_all(logits, mask)
+        slots, self._waiting = self._waiting, []
+        rows = [self.rows[s] for s in slots]
+        result = self.cache.step([Append(s, r.prompt_ids, _keep(r))
+                                  for s, r in zip(slots, rows, strict=True)])
+        picked = np.full(len(self.rows), -1, np.int64)
+        self._after_prompts([(s, r, k) for k, (s, r) in enumerate(zip(slots, rows, strict=True))],
+                            result, picked)
         self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
         return picked
 
-    def _pick_all(self, logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """[rows, vocab] logits -> the next token of every slot in ``mask``."""
-        picked = np.full(len(self.rows), -1, np.int64)
-        plain = all(r.params.greedy and r.params.repetition_penalty == 1.0
-                    for i, r in enumerate(self.rows) if mask[i] and r is not None)
-        device_argmax = getattr(self.cache, "greedy_tokens", None)
-        greedy = (device_argmax() if device_argmax is not None and len(logits) == len(self.rows)
-                  else np.argmax(logits, axis=-1)) if plain else None
-        for i in np.flatnonzero(mask):
-            row = self.rows[i]
-            assert row is not None
-            token = int(greedy[i]) if greedy is not None else self._choose(logits[i], row, i)
-            _record_logprob(row, logits[i], token)
-            picked[i] = token
-            self._take(i, row, token)
-        return picked
+    def _after_prompts(self, entries: list[tuple[int, Row, int]], result: StepResult,
+                       picked: np.ndarray | None = None) -> None:
+        """Record prompt log-probs, then pick the first token of rows that generate."""
+        for _, row, k in entries:
+            if row.params.prompt_logprobs is not None:
+                row.prompt_logprobs = _prompt_logprobs(row, result.logits(k))
+        generating = []
+        for slot, row, k in entries:
+            if row.max_new_tokens == 0:
+                row.finish_reason = FINISH_LENGTH  # scored, nothing to generate
+                self._active[slot] = False
+            else:
+                generating.append((slot, row, k))
+        self._pick(generating, result, picked)
 
-    def _choose(self, logits: np.ndarray, row: Row, slot: int) -> int:
-        p = row.params
-        if p.repetition_penalty != 1.0:
-            logits = logits.copy()  # the bound logits buffer is reused by the next step
-            apply_repetition_penalty(logits, np.fromiter(row.seen, np.int64), p.repetition_penalty)
-        if p.greedy:
-            return int(np.argmax(logits))
-        assert row.rng is not None
-        return sample_token(logits, p, row.rng)
+    def _pick(self, entries: list[tuple[int, Row, int]], result: StepResult,
+              picked: np.ndarray | None) -> None:
+        """The next token of each (slot, row, result index), from the logits at the row's
+        newest position: the device argmax for plain greedy rows, one batched sampler call
+        for the rest."""
+        tokens: dict[int, int] = {}
+        need = []
+        for slot, row, k in entries:
+            if row.sampler.plain_greedy:
+                tokens[slot] = int(result.argmax(k)[-1])
+            else:
+                need.append((slot, row, k))
+        if need:
+            stacked = np.stack([result.logits(k)[-1] for _, _, k in need])  # [rows, vocab]
+            chosen = pick_tokens(stacked, [r.sampler for _, r, _ in need])
+            for (slot, _, _), t in zip(need, chosen.tolist(), strict=True):
+                tokens[slot] = int(t)
+        for slot, row, k in entries:
+            token = tokens[slot]
+            if row.params.logprobs is not None:
+                row.logprobs.append(_logprob_of(result.logits(k)[-1], token,
+                                                row.params.logprobs))
+            if picked is not None:
+                picked[slot] = token
+            self._take(slot, row, token)
 
     def _take(self, slot: int, row: Row, token: int) -> None:
         self._last[slot] = token
+        row.sampler.observe(token)
         self._advance(row, token)
         self._active[slot] = not row.done
 
     def _advance(self, row: Row, token: int) -> None:
         row.token_ids.append(token)
-        row.seen.add(token)
-        if row.params.stop_on_eos and token == self.eos:
+        # min_tokens: neither EOS nor a stop string ends the row before it (as vLLM).
+        early = len(row.token_ids) <= row.params.min_tokens
+        if row.params.stop_on_eos and token == self.eos and not early:
             row.finish_reason = FINISH_STOP
             return
         assert row.decoder is not None
@@ -313,12 +378,13 @@ class Generator:
         if piece:
             start = max(0, len(row.text) - max((len(s) for s in row.params.stop), default=0))
             row.text += piece
-            for s in row.params.stop:
-                at = row.text.find(s, start)
-                if at != -1:
-                    row.text = row.text[:at]
-                    row.finish_reason = FINISH_STOP
-                    return
+            if not early:
+                for s in row.params.stop:
+                    at = row.text.find(s, start)
+                    if at != -1:
+                        row.text = row.text[:at]
+                        row.finish_reason = FINISH_STOP
+                        return
         if len(row.token_ids) >= row.max_new_tokens:
             row.finish_reason = FINISH_LENGTH
 
@@ -335,19 +401,46 @@ class Generator:
         return piece
 
 
-def _record_logprob(row: Row, logits: np.ndarray, token: int) -> None:
-    """Keep the chosen token's log-prob and the top alternatives when the row asked for
-    them; read now because the bound logits buffer is overwritten by the next step."""
-    n_top = row.params.logprobs
-    if n_top is None:
-        return
-    logp = log_softmax(logits.astype(np.float32, copy=False))  # [vocab]
+def _keep(row: Row) -> int:
+    """Positions of the prompt that need logits: all of them for prompt log-probs."""
+    return len(row.prompt_ids) if row.params.prompt_logprobs is not None else 1
+
+
+def _top(logp: np.ndarray, n: int) -> np.ndarray:
+    """[rows, vocab] -> [rows, n] ids of the n most likely tokens, most likely first."""
+    ids = np.argpartition(logp, -n, axis=-1)[:, -n:]
+    order = np.argsort(-np.take_along_axis(logp, ids, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(ids, order, axis=-1)
+
+
+def _logprob_of(logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
+    """The chosen token's log-prob and the top alternatives, read now because the bound
+    logits buffer is overwritten by the next step."""
+    logp = log_softmax(logits.astype(np.float32, copy=False)[None])  # [1, vocab]
     top: tuple[tuple[int, float], ...] = ()
     if n_top:
-        ids = np.argpartition(logp, -n_top)[-n_top:]
-        ids = ids[np.argsort(-logp[ids], kind="stable")]
-        top = tuple((int(i), float(logp[i])) for i in ids)
-    row.logprobs.append(TokenLogprob(token, float(logp[token]), top))
+        top = tuple((int(i), float(logp[0, i])) for i in _top(logp, n_top)[0])
+    rank = 1 + int((logp[0] > logp[0, token]).sum())
+    return TokenLogprob(token, float(logp[0, token]), top, rank)
+
+
+def _prompt_logprobs(row: Row, logits: np.ndarray) -> list[TokenLogprob | None]:
+    """Log-prob of each prompt token given the ones before it ([n, vocab] logits of the
+    prompt's positions); the first token has no context, so None."""
+    n_top = row.params.prompt_logprobs
+    assert n_top is not None
+    targets = np.asarray(row.prompt_ids[1:], np.int64)
+    out: list[TokenLogprob | None] = [None]
+    if not len(targets):
+        return out
+    logp = log_softmax(logits[:-1].astype(np.float32, copy=False))  # [n - 1, vocab]
+    chosen = logp[np.arange(len(targets)), targets]
+    ranks = 1 + (logp > chosen[:, None]).sum(axis=1)
+    tops = _top(logp, n_top) if n_top else np.zeros((len(targets), 0), np.int64)
+    for i, t in enumerate(targets.tolist()):
+        top = tuple((int(j), float(logp[i, j])) for j in tops[i])
+        out.append(TokenLogprob(t, float(chosen[i]), top, int(ranks[i])))
+    return out
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,10 @@ from gpt2onnx.runtime.cache import FusedCache, StandardCache
 from gpt2onnx.runtime.folder import make_session, open_manifest, session_device
 from gpt2onnx.runtime.generator import Generator
 from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.runtime.scoring import ScoreResult, score_ids
 
 Prompt = str | Sequence[int]
+IDLE_CACHES = 2  # finished generators' caches a Model keeps for reuse
 
 
 @dataclass
@@ -54,11 +57,13 @@ class Model:
             stat stamp is unchanged since they last matched (like git's index); "full"
             hashes every file on every load; False only checks that they exist.
         cuda_graph: on CUDA with a fused folder, replay decode steps from a CUDA graph.
+        target_check: refuse a folder exported for another provider (False only for
+            validation: a CUDA folder's numbers checked on the CPU kernels).
     """
 
     def __init__(self, folder: str | Path, provider: str = "cpu", threads: int | None = None,
                  verify: bool | str = True, cuda_graph: bool = False,
-                 spinning: bool | None = None) -> None:
+                 spinning: bool | None = None, target_check: bool = True) -> None:
         self.folder = Path(folder)
         self.provider = provider
         if cuda_graph and provider != "cuda":
@@ -74,9 +79,12 @@ class Model:
             raise ModelFolderError(f"cannot read {tok_path}: {exc}. Re-export the folder.") from exc
         self.session: ort.InferenceSession = make_session(
             self.folder, self.manifest, provider, threads=threads, cuda_graph=cuda_graph,
-            spinning=spinning)
+            spinning=spinning, target_check=target_check)
         self.device = session_device(provider)
-        self._caches: dict[int, FusedCache | StandardCache] = {}
+        # Fused caches of finished generators, kept for reuse (allocation and, on CUDA,
+        # graph capture are not free); at most IDLE_CACHES, the most recently returned.
+        self._idle: list[FusedCache] = []
+        self._idle_lock = threading.Lock()
 
     @classmethod
     def load(cls, folder: str | Path, **kwargs) -> Model:
@@ -98,13 +106,34 @@ class Model:
         return 0
 
     def cache(self, batch_size: int) -> FusedCache | StandardCache:
-        """The KV cache for a batch size: fused caches are allocated once and reused."""
+        """A KV cache of ``batch_size`` slots for the caller alone (a ``Generator`` takes
+        one and hands it back when it is gone). Nobody else holds it: two generators never
+        share buffers.
+
+        Memory: the caches of live generators, plus at most ``IDLE_CACHES`` idle ones
+        (the most recently returned) kept for reuse; a fused cache is
+        2 x n_layer x batch x n_head x max_length x head_dim cache elements
+        (gpt2 at 1,024 tokens: 75 MB per slot in fp32; `python -m gpt2onnx.kvmem`).
+        """
         if self.manifest.layout != LAYOUT_FUSED:
             return StandardCache(self.session, self.manifest, batch_size, self.device, self.pad_id)
-        if batch_size not in self._caches:
-            self._caches[batch_size] = FusedCache(self.session, self.manifest, batch_size,
-                                                  self.device, cuda_graph=self.cuda_graph)
-        return self._caches[batch_size]
+        with self._idle_lock:
+            for i, cache in enumerate(self._idle):
+                if cache.batch_size == batch_size:
+                    del self._idle[i]
+                    cache.reset()
+                    return cache
+        return FusedCache(self.session, self.manifest, batch_size, self.device,
+                          cuda_graph=self.cuda_graph)
+
+    def _return_cache(self, cache: FusedCache | StandardCache) -> None:
+        """A generator is done with ``cache``: keep it for reuse, within the bound."""
+        if not isinstance(cache, FusedCache):
+            return
+        cache.reset()
+        with self._idle_lock:
+            self._idle.append(cache)
+            del self._idle[:-IDLE_CACHES]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -148,6 +177,16 @@ class Model:
         """Generate for one prompt. Keyword arguments build a ``GenerationParams``."""
         params = _params(params, kwargs)
         return self.generate_batch([prompt], params)[0]
+
+    def score(self, text: Prompt, top_logprobs: int = 0, window: int | None = None,
+              stride: int | None = None) -> ScoreResult:
+        """Each token's log-probability given the text before it (the first has none),
+        and the ``top_logprobs`` most likely tokens at each position. Texts longer than
+        the context are scored with a sliding window (see ``gpt2onnx.runtime.scoring``).
+
+        Returns a ``ScoreResult`` (``logprobs``, ``top_logprobs``, ``perplexity``)."""
+        return score_ids(self, self._prompt_ids(text), top_logprobs=top_logprobs,
+                         window=window, stride=stride)
 
     def stream(self, prompt: Prompt, params: GenerationParams | None = None,
                **kwargs) -> Iterator[str]:

@@ -10,6 +10,14 @@ from gpt2onnx.errors import InvalidParameterError
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # top alternatives reported per token (vLLM's default cap)
 OVERFLOW_MODES = ("error", "truncate")
+# logits / temperature must stay finite in float32 (max ~3.4e38): with |logit| up to ~1e3 a
+# temperature of 1e-4 gives 1e7, far from overflow, while 1e-36 gives inf (and inf - inf = nan
+# in the softmax). Anything that small is greedy in effect; temperature 0 says so exactly.
+MIN_TEMPERATURE = 1e-4
+# CTRL's paper suggests ~1.2; outside [0.01, 100] a penalty only wipes the logits out.
+REPETITION_PENALTY_RANGE = (1e-2, 100.0)
+# OpenAI's documented range for frequency_penalty and presence_penalty.
+PENALTY_RANGE = (-2.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -17,12 +25,25 @@ class GenerationParams:
     """How to pick tokens and when to stop.
 
     Args:
-        max_new_tokens: tokens to generate at most (>= 1).
-        temperature: 0 means greedy; > 0 samples from softmax(logits / temperature).
-        top_k: keep the k most likely tokens before sampling; 0 disables.
+        max_new_tokens: tokens to generate at most (>= 0; 0 only scores the prompt, with
+            ``prompt_logprobs``).
+        temperature: 0 means greedy; otherwise >= 1e-4 (smaller values overflow float32),
+            sampling from softmax(logits / temperature).
+        top_k: keep the k most likely tokens before sampling (ties with the k-th are kept,
+            as transformers does); 0 disables.
         top_p: nucleus sampling, keep the smallest set with probability >= top_p; 1 disables.
-        repetition_penalty: > 1 discourages tokens already in the text (CTRL-style, as
-            transformers applies it); 1 disables.
+        min_p: in [0, 1]; after top-k/top-p, drop tokens whose probability is below
+            min_p times the most likely token's (transformers' MinPLogitsWarper); 0 disables.
+        repetition_penalty: in [0.01, 100]; > 1 discourages tokens already in the text,
+            prompt included (CTRL-style, as transformers applies it); 1 disables.
+        frequency_penalty: in [-2, 2]; subtracts count * frequency_penalty from the logit
+            of every token generated so far in this row (OpenAI semantics; the prompt does
+            not count, as in vLLM); 0 disables.
+        presence_penalty: in [-2, 2]; subtracts presence_penalty once from the logit of
+            every token generated so far in this row (OpenAI semantics); 0 disables.
+        min_tokens: in [0, max_new_tokens]; EOS cannot be picked before this many new
+            tokens (transformers' MinNewTokensLengthLogitsProcessor); no effect on a model
+            without an EOS token. 0 disables.
         seed: seeds the sampler; the same seed gives the same tokens.
         stop: strings that end generation; the text is cut before the first one.
         stop_on_eos: end a row when the model emits its EOS token.
@@ -30,6 +51,8 @@ class GenerationParams:
             "truncate" keeps the prompt's last tokens and shortens max_new_tokens to fit.
         logprobs: None records nothing; N >= 0 records, per generated token, its
             log-probability and the N most likely alternatives (``Row.logprobs``).
+        prompt_logprobs: None records nothing; N in [0, 20] records, per prompt token,
+            its log-probability and the N most likely alternatives.
     """
 
     max_new_tokens: int = 32
@@ -42,6 +65,11 @@ class GenerationParams:
     stop_on_eos: bool = True
     on_overflow: str = "error"
     logprobs: int | None = None
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,22 +86,43 @@ class GenerationParams:
         return replace(self, **changes)
 
     def validate(self) -> None:
-        _int("max_new_tokens", self.max_new_tokens, 1, None,
-             "ask for at least one new token")
+        _int("max_new_tokens", self.max_new_tokens, 0, None,
+             "ask for 0 (score the prompt only) or more new tokens")
         _num("temperature", self.temperature)
         if self.temperature < 0:
             raise InvalidParameterError(
                 "temperature", f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidParameterError(
+                "temperature", f"temperature must be 0 or >= {MIN_TEMPERATURE:g}, got "
+                f"{self.temperature!r} (logits / temperature would overflow float32); "
+                "use 0 for greedy.")
         _int("top_k", self.top_k, 0, None, "use 0 to disable top-k")
         _num("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidParameterError(
                 "top_p", f"top_p must be in (0, 1], got {self.top_p}; use 1 to disable it.")
+        _num("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidParameterError(
+                "min_p", f"min_p must be in [0, 1], got {self.min_p}; use 0 to disable it.")
         _num("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
             raise InvalidParameterError(
                 "repetition_penalty",
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}.")
+                f"repetition_penalty must be > 0 and in [{low:g}, {high:g}] (1 = off), got "
+                f"{self.repetition_penalty}; use 1 to disable it, ~1.2 to discourage repeats.")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            _num(name, value)
+            low, high = PENALTY_RANGE
+            if not low <= value <= high:
+                raise InvalidParameterError(
+                    name, f"{name} must be in [{low:g}, {high:g}], got {value}; use 0 to "
+                    "disable it.")
+        _int("min_tokens", self.min_tokens, 0, self.max_new_tokens,
+             "use 0 to disable it; it cannot exceed max_new_tokens")
         if self.seed is not None and (isinstance(self.seed, bool)
                                       or not isinstance(self.seed, int) or self.seed < 0):
             raise InvalidParameterError(
@@ -89,6 +138,9 @@ class GenerationParams:
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
                  "ask for fewer alternatives, or None for no log-probs")
+        if self.prompt_logprobs is not None:
+            _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS,
+                 "ask for fewer alternatives, or None for no prompt log-probs")
         if self.on_overflow not in OVERFLOW_MODES:
             raise InvalidParameterError(
                 "on_overflow", f"on_overflow must be one of {OVERFLOW_MODES}, got "

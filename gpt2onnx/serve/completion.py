@@ -54,6 +54,9 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob]
     finish_reason: str | None = None
+    # In a row's first delta, when its params asked for prompt log-probs: one per prompt
+    # token, None for the first (nothing to condition on).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def merge_deltas(deltas: Iterable[ChoiceDelta]) -> list[ChoiceDelta]:
@@ -63,13 +66,14 @@ def merge_deltas(deltas: Iterable[ChoiceDelta]) -> list[ChoiceDelta]:
     for d in deltas:
         if d.index not in merged:
             merged[d.index] = ChoiceDelta(d.index, d.text, list(d.token_ids), list(d.logprobs),
-                                          d.finish_reason)
+                                          d.finish_reason, d.prompt_logprobs)
             continue
         m = merged[d.index]
         m.text += d.text
         m.token_ids += d.token_ids
         m.logprobs += d.logprobs
         m.finish_reason = d.finish_reason or m.finish_reason
+        m.prompt_logprobs = m.prompt_logprobs or d.prompt_logprobs
     return list(merged.values())
 
 
@@ -91,6 +95,7 @@ class Completion:
             c.token_ids += d.token_ids
             c.logprobs += d.logprobs
             c.finish_reason = d.finish_reason or c.finish_reason
+            c.prompt_logprobs = c.prompt_logprobs or d.prompt_logprobs
 
     @property
     def prompt_tokens(self) -> int:

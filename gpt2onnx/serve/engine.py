@@ -529,11 +529,12 @@ class Engine:
             new = row.token_ids[start:]
             if not new and not row.done:
                 continue
+            first = ticket.first_token_at[index]
             deltas.append(ChoiceDelta(index, gen.stream_text(slot), list(new),
-                                      row.logprobs[start:], row.finish_reason))
+                                      row.logprobs[start:], row.finish_reason,
+                                      row.prompt_logprobs if first is None else None))
             ticket.sent[index] = len(row.token_ids)
             self.metrics.generation_tokens.inc(len(new))
-            first = ticket.first_token_at[index]
             if first is None:
                 ticket.first_token_at[index] = first = now
                 self.metrics.time_to_first_token.observe(now - ticket.submitted)

@@ -34,8 +34,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Runtime names -> the HTTP fields that set them.
 HTTP_FIELD = {"max_new_tokens": "max_tokens"}
 # OpenAI fields this server does not implement: accepted only at their neutral value.
-NEUTRAL = {"suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-           "logit_bias": (None, {})}
+NEUTRAL = {"suffix": (None, ""), "logit_bias": (None, {})}
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,7 @@ class CompletionCall:
     echo: bool
     include_usage: bool
     logprobs: int | None
+    prompt_logprobs: int | None = None  # vLLM's field: per-choice prompt_logprobs
 
 
 def parse_completion(body: bytes, model: Model, served_name: str, max_choices: int
@@ -82,10 +82,12 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
                               "stream_options", "invalid_type")
     include_usage = _bool(options, "include_usage", "stream_options.include_usage")
     params = _params(data)
+    asked_prompt_logprobs = params.prompt_logprobs
     if echo and params.logprobs is not None:
-        raise BadRequestError("echo with logprobs needs the prompt's log-probs, which this "
-                              "server does not compute; drop echo or logprobs.", "echo",
-                              "unsupported")
+        # echo + logprobs lists the prompt's tokens with their log-probs first (OpenAI's
+        # legacy scoring call, what lm-evaluation-harness sends for loglikelihoods).
+        params = params.with_(prompt_logprobs=max(params.logprobs,
+                                                  params.prompt_logprobs or 0))
 
     prompts = _prompts(data)
     if len(prompts) * n > max_choices:
@@ -101,7 +103,8 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
         texts.append(prompt if isinstance(prompt, str) else model.decode(ids))
         rows += [RowSpec(tuple(ids), derive_seed(params, j)) for j in range(n)]
     return CompletionCall(EngineRequest(tuple(rows)), served_name, int(time.time()), n,
-                          tuple(texts), stream, echo, include_usage, params.logprobs)
+                          tuple(texts), stream, echo, include_usage, params.logprobs,
+                          asked_prompt_logprobs)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -142,12 +145,17 @@ def _params(data: dict[str, Any]) -> GenerationParams:
         temperature=_or_default(data, "temperature", 1.0),  # OpenAI samples by default
         top_k=_or_default(data, "top_k", 0),
         top_p=_or_default(data, "top_p", 1.0),
+        min_p=_or_default(data, "min_p", 0.0),
         repetition_penalty=_or_default(data, "repetition_penalty", 1.0),
+        frequency_penalty=_or_default(data, "frequency_penalty", 0.0),
+        presence_penalty=_or_default(data, "presence_penalty", 0.0),
+        min_tokens=_or_default(data, "min_tokens", 0),
         seed=data.get("seed"),
         stop=tuple(stop),
         stop_on_eos=not _bool(data, "ignore_eos"),  # vLLM's extension, for benchmarks
         on_overflow=_or_default(data, "on_overflow", "error"),
         logprobs=data.get("logprobs"),
+        prompt_logprobs=data.get("prompt_logprobs"),
     )
 
 
@@ -217,24 +225,50 @@ class CompletionFormatter:
         return self.call.prompt_texts[index // self.call.n]
 
     def _choice(self, d: ChoiceDelta) -> dict[str, Any]:
+        first = d.index not in self.started
         text = self._prefix(d.index) + d.text
         self.started.add(d.index)
-        lp = self._logprobs(d.index, d.logprobs) if self.call.logprobs is not None else None
-        return {"index": d.index, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}
+        choice: dict[str, Any] = {"index": d.index, "text": text, "logprobs": None,
+                                  "finish_reason": d.finish_reason}
+        if self.call.logprobs is not None:
+            entries: list[TokenLogprob | None] = list(d.logprobs)
+            ids = [e.token_id for e in d.logprobs]
+            if first and self.call.echo:
+                # The echoed prompt's tokens come first; its first token has no log-prob.
+                ids = list(self.call.request.rows[d.index].prompt_ids) + ids
+                entries = list(d.prompt_logprobs or [None] * (len(ids) - len(entries))) \
+                    + entries
+            choice["logprobs"] = self._logprobs(d.index, ids, entries)
+        if first and self.call.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = [
+                None if e is None else {str(t): self._vllm_logprob(t, lp, e)
+                                        for t, lp in ((e.token_id, e.logprob), *e.top)}
+                for e in d.prompt_logprobs or []]
+        return choice
 
-    def _logprobs(self, index: int, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    def _vllm_logprob(self, token_id: int, logprob: float, entry: TokenLogprob
+                      ) -> dict[str, Any]:
+        """vLLM's prompt_logprobs entry: the prompt token's rank, 1..N for the top ones."""
+        rank = entry.rank if token_id == entry.token_id else \
+            1 + [t for t, _ in entry.top].index(token_id)
+        return {"logprob": logprob, "rank": rank, "decoded_token": self._token_text(token_id)}
+
+    def _logprobs(self, index: int, ids: Sequence[int],
+                  entries: Sequence[TokenLogprob | None]) -> dict[str, Any]:
         tokens, offsets = [], []
         offset = self.offsets.get(index, 0)
-        for e in entries:
-            piece = self._token_text(e.token_id)
+        for token_id in ids:
+            piece = self._token_text(token_id)
             tokens.append(piece)
             offsets.append(offset)
             offset += len(piece)
         self.offsets[index] = offset
-        # OpenAI always lists the sampled token among the alternatives (up to N + 1).
-        top = [{**{self._token_text(t): lp for t, lp in e.top},
-                self._token_text(e.token_id): e.logprob} for e in entries]
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+        # OpenAI always lists the chosen token among the alternatives (up to N + 1).
+        top = [None if e is None else {**{self._token_text(t): lp for t, lp in e.top},
+                                       self._token_text(e.token_id): e.logprob}
+               for e in entries]
+        return {"tokens": tokens,
+                "token_logprobs": [None if e is None else e.logprob for e in entries],
                 "top_logprobs": top, "text_offset": offsets}
 
     def _token_text(self, token_id: int) -> str:

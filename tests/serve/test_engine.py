@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -231,13 +232,13 @@ def test_warm_up_runs_one_row_and_every_slot_then_frees_them(
     from gpt2onnx.runtime.cache import FusedCache
 
     rows: list[int] = []
-    prefill = FusedCache.prefill
+    run_many = FusedCache._run_many  # the run that puts prompts into empty slots
 
-    def spy(self: FusedCache, prompts: list, first_slot: int = 0) -> np.ndarray:
-        rows.append(len(prompts))
-        return prefill(self, prompts, first_slot)
+    def spy(self: FusedCache, appends: list, *args: Any, **kwargs: Any) -> None:
+        rows.append(len(appends))
+        return run_many(self, appends, *args, **kwargs)
 
-    monkeypatch.setattr(FusedCache, "prefill", spy)
+    monkeypatch.setattr(FusedCache, "_run_many", spy)
     engine = make_engine(max_batch_size=4)
     assert rows == [1, 4]  # prefill runs of one row and of every slot, none copied
     stats = engine.stats()

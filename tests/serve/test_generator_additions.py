@@ -10,6 +10,7 @@ import pytest
 
 from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.runtime import GenerationParams, Model
+from gpt2onnx.runtime.cache import Append
 from gpt2onnx.runtime.sampling import log_softmax
 
 GREEDY = GenerationParams(max_new_tokens=8, stop_on_eos=False)
@@ -39,17 +40,17 @@ def test_add_rows_leaves_no_row_behind_on_failure(ref_model: Model,
     gen.add(ref_model.encode("Occupies slot 0"), GREEDY)
     gen.add(ref_model.encode("Occupies slot 1"), GREEDY)
     gen.release(0)  # free slots 0, 2, 3: new rows go in two runs, [0] and [2, 3]
-    original, calls = gen.cache.prefill, []
+    original, calls = gen.cache._run_many, []
 
-    def second_run_fails(*args: Any, **kwargs: Any) -> np.ndarray:
+    def second_run_fails(*args: Any, **kwargs: Any) -> None:
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("injected")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(gen.cache, "prefill", second_run_fails)
+    monkeypatch.setattr(gen.cache, "_run_many", second_run_fails)
     with pytest.raises(RuntimeError, match="injected"):
-        gen.add_rows([[1, 2], [3], [4]], [GREEDY] * 3)
+        gen.add_rows([[1, 2], [3, 4], [5, 6]], [GREEDY] * 3)
     assert len(calls) == 2
     assert gen.free_slots == [0, 2, 3]  # the first run's row was released again
     assert gen.rows[1] is not None and not gen.rows[1].done  # the running row is untouched
@@ -61,7 +62,7 @@ def test_logprobs_are_the_models_log_softmax(ref_model: Model) -> None:
     gen = ref_model.generator([], params, batch_size=1)
     slot = gen.add(ids, params)
     (entry,) = gen.rows[slot].logprobs
-    logits = ref_model.cache(1).last_logits()[0].copy()
+    logits = ref_model.cache(1).step([Append(0, ids)]).logits(0)[-1].copy()
     expected = log_softmax(logits)
     assert entry.logprob == pytest.approx(float(expected[entry.token_id]), abs=1e-5)
     top_ids = np.argsort(-expected)[:4]
@@ -85,13 +86,13 @@ def test_repeated_prompt_is_prefilled_once_and_copied(ref_model: Model,
                                                                    "Gamma delta epsilon")}
     gen = ref_model.generator([], GREEDY, batch_size=6)
     run_rows: list[int] = []
-    original = gen.cache.prefill
+    original = gen.cache._run_many  # the run that puts prompts into empty slots
 
-    def counting(rows: Any, first_slot: int = 0) -> np.ndarray:
-        run_rows.append(len(rows))
-        return original(rows, first_slot=first_slot)
+    def counting(appends: Any, *args: Any, **kwargs: Any) -> None:
+        run_rows.append(len(appends))
+        return original(appends, *args, **kwargs)
 
-    monkeypatch.setattr(gen.cache, "prefill", counting)
+    monkeypatch.setattr(gen.cache, "_run_many", counting)
     slots = gen.add_rows([a, b, a, a, b], [GREEDY] * 5)
     assert run_rows == [2]  # a and b, in adjacent slots, one run
     assert slots[:2] == [0, 1] and sorted(slots) == [0, 1, 2, 3, 4]

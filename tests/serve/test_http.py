@@ -239,3 +239,84 @@ def test_stream_with_n_interleaves_choices(client: TestClient,
     assert done and stream_text(chunks, 0) == stream_text(chunks, 1) == expected
     finals = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"]]
     assert sorted(f["index"] for f in finals) == [0, 1]
+
+
+def test_echo_with_logprobs_scores_the_prompt(client: TestClient, ref_model: Model) -> None:
+    """OpenAI's legacy scoring call (what lm-evaluation-harness sends): the prompt's tokens
+    with their log-probs first, token_logprobs[0] and top_logprobs[0] null, then the
+    generated ones; top_logprobs always contain the chosen token."""
+    text = "The weather today is"
+    ids = ref_model.encode(text)
+    scored = ref_model.score(ids, top_logprobs=2)
+    r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 2, "echo": True,
+                                             "logprobs": 2, **GREEDY})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 2
+    assert "".join(lp["tokens"][:len(ids)]) == text
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for got, want in zip(lp["token_logprobs"][1:len(ids)], scored.logprobs[1:], strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+    for token, top, logprob in zip(lp["tokens"][1:], lp["top_logprobs"][1:],
+                                   lp["token_logprobs"][1:], strict=True):
+        assert top[token] == pytest.approx(logprob) and len(top) in (2, 3)
+    assert lp["text_offset"][:2] == [0, len(lp["tokens"][0])]
+    assert lp["text_offset"][len(ids)] == len(text)  # generated tokens follow the prompt
+    assert choice["text"].startswith(text)
+
+
+def test_max_tokens_zero_with_echo_scores_without_generating(client: TestClient,
+                                                            ref_model: Model) -> None:
+    ids = ref_model.encode("Scoring only, please")
+    r = client.post("/v1/completions", json={"prompt": [ids, ids[:3]], "max_tokens": 0,
+                                             "echo": True, "logprobs": 0, **GREEDY})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 0
+    for choice, prompt in zip(body["choices"], (ids, ids[:3]), strict=True):
+        assert choice["text"] == ref_model.decode(prompt)
+        assert len(choice["logprobs"]["token_logprobs"]) == len(prompt)
+        expected = ref_model.score(prompt).logprobs
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(expected[1:],
+                                                                         abs=1e-5)
+
+
+def test_vllm_prompt_logprobs_field(client: TestClient, ref_model: Model) -> None:
+    ids = ref_model.encode("A short prompt here")
+    scored = ref_model.score(ids, top_logprobs=1)
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1,
+                                             "prompt_logprobs": 1, **GREEDY})
+    assert r.status_code == 200, r.text
+    entries = r.json()["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    for entry, token, want, top in zip(entries[1:], ids[1:], scored.logprobs[1:],
+                                       scored.top_logprobs[1:], strict=True):
+        assert entry[str(token)]["logprob"] == pytest.approx(want, abs=1e-5)
+        assert entry[str(top[0][0])]["rank"] == 1
+        assert entry[str(token)]["rank"] >= 1
+
+
+def test_streamed_echo_with_logprobs(client: TestClient, ref_model: Model) -> None:
+    ids = ref_model.encode("Streaming the scores")
+    chunks, _ = parse_sse(client.post("/v1/completions", json={
+        "prompt": ids, "max_tokens": 3, "echo": True, "logprobs": 1, "stream": True,
+        **GREEDY}).text)
+    tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+    logprobs = [t for c in chunks for t in c["choices"][0]["logprobs"]["token_logprobs"]]
+    assert len(tokens) == len(ids) + 3 and logprobs[0] is None
+    assert logprobs[1:len(ids)] == pytest.approx(ref_model.score(ids).logprobs[1:], abs=1e-5)
+
+
+def test_new_sampling_fields_reach_the_sampler(client: TestClient, ref_model: Model) -> None:
+    """min_p, frequency/presence penalties and min_tokens over HTTP give what the Python
+    API gives for the same parameters and seed."""
+    from gpt2onnx.runtime import GenerationParams
+
+    fields = {"temperature": 0.9, "min_p": 0.05, "frequency_penalty": 0.5,
+              "presence_penalty": 0.3, "min_tokens": 4, "seed": 7}
+    r = client.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 8,
+                                             **fields})
+    assert r.status_code == 200, r.text
+    expected = ref_model.generate("Hello there", GenerationParams(max_new_tokens=8, **fields))
+    assert r.json()["choices"][0]["text"] == expected.text

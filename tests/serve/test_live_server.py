@@ -182,6 +182,13 @@ def test_the_official_openai_client_works(module_engine: Engine,
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert chunks[-1].usage.completion_tokens == 9
 
+    # Scoring as a client sends it: echo + logprobs, max_tokens 0.
+    scored = client.completions.create(model=MODEL_NAME, prompt="Hello there", max_tokens=0,
+                                       echo=True, logprobs=1, temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == "Hello there" and lp.token_logprobs[0] is None
+    assert len(lp.token_logprobs) == len(lp.tokens) == 2 and lp.token_logprobs[1] < 0
+
     with pytest.raises(openai.BadRequestError, match="top_p must be in"):
         client.completions.create(model=MODEL_NAME, prompt="Hi", top_p=2.0)
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
