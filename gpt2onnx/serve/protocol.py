@@ -100,7 +100,9 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
         ids = model.encode(prompt) if isinstance(prompt, str) else list(prompt)
         ids, _ = _checked(plan_row, ids, params, model.context_length,
                           model.manifest.vocab_size)
-        texts.append(prompt if isinstance(prompt, str) else model.decode(ids))
+        # Echoed as given: ids decode with their special tokens, so text and text_offset agree.
+        texts.append(prompt if isinstance(prompt, str)
+                     else model.tokenizer.decode(ids, skip_special_tokens=False))
         rows += [RowSpec(tuple(ids), derive_seed(params, j)) for j in range(n)]
     return CompletionCall(EngineRequest(tuple(rows)), served_name, int(time.time()), n,
                           tuple(texts), stream, echo, include_usage, params.logprobs,
