@@ -34,7 +34,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens with p >= MIN_P x the top token's p (0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's, over the generated tokens, in [-2, 2]")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's, over the generated tokens, in [-2, 2]")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="no EOS or stop string before this many new tokens")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop string (repeatable)")
@@ -52,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = GenerationParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+            min_tokens=args.min_tokens,
             seed=args.seed, stop=tuple(args.stop),
             on_overflow="truncate" if args.truncate else "error")
         model = Model(args.model_dir, provider=args.provider, threads=args.threads,

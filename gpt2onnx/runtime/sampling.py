@@ -25,8 +25,10 @@ per-request tensors), and nothing sorts the whole vocabulary in the common case:
   ties arbitrarily).
 * The draw is an inverse CDF over the kept tokens **in token-id order**: with u uniform in
   [0, 1) from the row's generator, the token is the first id whose cumulative weight exceeds
-  u * total. Block sums find the block and a cumsum of that one block finds the id, which is
-  cheaper than a cumsum of the whole vocabulary.
+  u * total. Rows that keep few tokens (top-k, a peaked top-p, min-p) are drawn from those
+  alone, all such rows through one ``flatnonzero``; the others (temperature alone, flat
+  nuclei) from dense weights, where block sums find the block and a cumsum of that block the
+  id (a cumsum over the whole vocabulary costs several times a sum).
 * The [rows, vocab] work arrays live in per-thread buffers reused across calls: fresh ones
   page-fault on every call once glibc hands freed memory back to the kernel (measured: ~3,900
   faults, about +10 ms, per 16-row top-p call).
@@ -45,6 +47,11 @@ from gpt2onnx.runtime.params import GenerationParams
 # to a few hundred tokens; partitioning for 256 costs about what partitioning for 8 does.
 _TOP_P_CANDIDATES = 256
 _TOP_P_WIDE = 4096
+# Rows whose first candidates hold this share of top_p's mass try _TOP_P_WIDE before a full
+# sort. On random logits the share is ~0.1 for a 33k-token nucleus, ~0.98 for a 450-token one.
+_WIDE_IF_HELD = 0.75
+# Rows keeping at most this many tokens are drawn from those alone; more, from dense weights.
+_SPARSE_MAX = 4096
 # Tokens per block of the inverse CDF: ~200 blocks for GPT-2's vocabulary, then one block.
 _CDF_BLOCK = 256
 
@@ -188,7 +195,7 @@ def pick_tokens(logits: np.ndarray, samplers: Sequence[RowSampler],
     busy = np.flatnonzero(~plain)
     if busy.size == 0:
         return picked
-    scores = _penalised(logits, samplers, busy)  # [busy, vocab] float32, a copy
+    scores = _penalised(logits, samplers, busy)  # [busy, vocab] float32, a scratch copy
     sampled = np.fromiter((samplers[i].sampled for i in busy), dtype=bool, count=busy.size)
     if not sampled.all():
         # Greedy with processors: argmax of the processed scores, as transformers' greedy.
@@ -197,8 +204,7 @@ def pick_tokens(logits: np.ndarray, samplers: Sequence[RowSampler],
         drawn = busy[sampled]
         s = scores if sampled.all() else scores[sampled]  # [drawn, vocab]
         u = np.fromiter((samplers[i].draw() for i in drawn), dtype=np.float64, count=drawn.size)
-        weights = _sampling_weights(s, [samplers[i].params for i in drawn])
-        picked[drawn] = _inverse_cdf(weights, u)
+        picked[drawn] = _draw(s, [samplers[i].params for i in drawn], u)
     return picked
 
 
@@ -224,8 +230,9 @@ def processed_logprobs(logits: np.ndarray, samplers: Sequence[RowSampler]) -> np
     if not sampled.all():
         out[~sampled] = log_softmax(scores[~sampled])
     if sampled.any():
-        weights = _sampling_weights(scores[sampled],
-                                    [samplers[i].params for i in np.flatnonzero(sampled)])
+        rows_params = [samplers[i].params for i in np.flatnonzero(sampled)]
+        cut = _truncate(scores[sampled], rows_params)
+        weights = _dense_weights(cut, np.arange(cut.scores.shape[0]))
         with np.errstate(divide="ignore"):
             out[sampled] = np.log(weights / weights.sum(axis=1, keepdims=True))
     return out
@@ -247,14 +254,15 @@ def _check_batch(logits: np.ndarray, samplers: Sequence[RowSampler]) -> int:
 
 def _penalised(logits: np.ndarray, samplers: Sequence[RowSampler], rows: np.ndarray
                ) -> np.ndarray:
-    """A float32 copy of ``logits[rows]`` with repetition, frequency/presence and min_tokens.
+    """``logits[rows]`` as float32 with repetition, frequency/presence and min_tokens applied.
 
-    Each row's ids are sparse and differ per row, so the Python loop only gathers (row, id)
-    pairs; each penalty is then one fancy-indexed update over all rows.
+    The result is the "scores" scratch buffer (``logits`` itself is never written). Each row's
+    ids are sparse and differ per row, so the Python loop only gathers (row, id) pairs; each
+    penalty is then one fancy-indexed update over all rows.
     """
     scores = _SCRATCH.get("scores", (rows.size, logits.shape[1]), np.float32)  # [rows, vocab]
     if logits.dtype == np.float32:
-        np.take(logits, rows, axis=0, out=scores)
+        np.take(logits, rows, axis=0, out=scores, mode="clip")  # "raise" would buffer
     else:
         scores[...] = logits[rows]
     rep_at: list[np.ndarray] = []
@@ -296,15 +304,29 @@ def _penalised(logits: np.ndarray, samplers: Sequence[RowSampler], rows: np.ndar
     return scores
 
 
-def _sampling_weights(scores: np.ndarray, params: Sequence[GenerationParams]) -> np.ndarray:
-    """Temperature, top-k, top-p and min-p over the rows, as unnormalised probabilities.
+class _Truncation:
+    """The scaled scores of some sampled rows and what temperature/top-k/top-p/min-p keep.
+
+    A token j of row r is kept iff ``scores[r, j] >= lower[r]`` and
+    ``exp(scores[r, j] - top[r]) >= min_p[r]``. ``lower`` folds top-k, top-p and a slightly
+    loose score bound for min-p (so that it can pre-select); the exact min-p test is the one
+    on the weights, as transformers compares probabilities.
+    """
+
+    def __init__(self, scores: np.ndarray, top: np.ndarray, lower: np.ndarray,
+                 min_p: np.ndarray) -> None:
+        self.scores = scores  # [n, vocab] scaled logits
+        self.top = top  # [n] row maxima
+        self.lower = lower  # [n] float32; -inf: nothing truncated by score
+        self.min_p = min_p  # [n] float32; 0: off
+
+
+def _truncate(scores: np.ndarray, params: Sequence[GenerationParams]) -> _Truncation:
+    """Temperature, then the kept set of top-k, top-p and min-p, for sampled rows.
 
     Args:
         scores: [n, vocab] float32 penalised logits of sampled rows; divided in place.
         params: the n rows' parameters.
-
-    Returns:
-        [n, vocab] float32 weights exp(s - max(s)) on the kept tokens, 0 elsewhere.
     """
     n = scores.shape[0]
     temperature = np.fromiter((p.temperature for p in params), dtype=np.float32, count=n)
@@ -314,31 +336,117 @@ def _sampling_weights(scores: np.ndarray, params: Sequence[GenerationParams]) ->
 
     scores /= temperature[:, None]  # [n, vocab] scaled logits
     top = scores.max(axis=1)  # [n]
-    weights = np.subtract(scores, top[:, None])  # [n, vocab]
-    np.exp(weights, out=weights)  # 1 at each row's argmax
-    threshold = _truncation_thresholds(scores, weights, top, top_k, top_p)  # [n]
+    bad = np.flatnonzero(~np.isfinite(top))  # NaN anywhere, +inf, or nothing above -inf
+    if bad.size:
+        raise ValueError(f"sampled row {int(bad[0])} of {n}: no token has a positive "
+                         "probability (NaN or infinite logits?)")
+    lower = _truncation_thresholds(scores, top, top_k, top_p)  # [n]
     use_min_p = min_p > 0
-    if np.isfinite(threshold).any() or use_min_p.any():
-        keep = scores >= threshold[:, None]  # [n, vocab]
-        if use_min_p.any():
-            # min-p keeps p >= min_p * p_max; with weights = p / p_max that is weights >= min_p.
-            keep &= weights >= min_p[:, None]
+    if use_min_p.any():
+        # exp(s - top) >= min_p needs s >= top + log(min_p); the slack covers float32
+        # rounding of s - top and of exp, so the bound never drops a kept token.
+        at = np.flatnonzero(use_min_p)
+        loose = top[at] + np.log(min_p[at]) - (1e-3 + 1e-6 * np.abs(top[at]))
+        lower[at] = np.maximum(lower[at], loose.astype(np.float32))
+    return _Truncation(scores, top, lower, min_p)
+
+
+def _draw(scores: np.ndarray, params: Sequence[GenerationParams], u: np.ndarray) -> np.ndarray:
+    """One token per sampled row, by inverse CDF in token-id order.
+
+    Rows whose kept set is small (top-k, a peaked top-p or min-p: the usual case) are drawn
+    from their kept tokens only; the others (temperature alone, flat nuclei) from dense
+    [rows, vocab] weights. Which way a row goes depends on that row alone, so a row gets the
+    same token in any batch.
+
+    Args:
+        scores: [n, vocab] float32 penalised logits of sampled rows; overwritten.
+        params: the n rows' parameters.
+        u: [n] the rows' uniforms in [0, 1).
+
+    Returns:
+        [n] int64 token ids.
+    """
+    cut = _truncate(scores, params)
+    picked = np.empty(scores.shape[0], dtype=np.int64)
+    dense = ~np.isfinite(cut.lower)  # [n] nothing truncated: every token can come
+    trunc = np.flatnonzero(~dense)
+    if trunc.size:
+        sub = _rows(scores, trunc)  # [t, vocab]
+        keep = _SCRATCH.get("keep", sub.shape, np.bool_)
+        np.greater_equal(sub, cut.lower[trunc, None], out=keep)
+        small = keep.sum(axis=1) <= _SPARSE_MAX  # [t]
+        if small.all():
+            picked[trunc] = _sparse_pick(sub, keep, cut.top[trunc], cut.min_p[trunc], u[trunc])
+        else:
+            at = np.flatnonzero(small)
+            if at.size:
+                picked[trunc[at]] = _sparse_pick(sub[at], keep[at], cut.top[trunc[at]],
+                                                 cut.min_p[trunc[at]], u[trunc[at]])
+            dense[trunc[~small]] = True
+    rows = np.flatnonzero(dense)
+    if rows.size:
+        picked[rows] = _inverse_cdf(_dense_weights(cut, rows), u[rows])
+    return picked
+
+
+def _dense_weights(cut: _Truncation, rows: np.ndarray) -> np.ndarray:
+    """[len(rows), vocab] float32 weights exp(s - top) on kept tokens, 0 elsewhere.
+
+    The result is the "weights" scratch buffer.
+    """
+    sub = _rows(cut.scores, rows)
+    weights = _SCRATCH.get("weights", sub.shape, np.float32)
+    np.subtract(sub, cut.top[rows, None], out=weights)
+    np.exp(weights, out=weights)  # [r, vocab]; 1 at each row's argmax
+    lower, min_p = cut.lower[rows], cut.min_p[rows]
+    if np.isfinite(lower).any():
+        keep = _SCRATCH.get("keep", sub.shape, np.bool_)
+        np.greater_equal(sub, lower[:, None], out=keep)
+        weights *= keep
+    if (min_p > 0).any():
+        # min-p keeps p >= min_p * p_max; with weights = p / p_max that is weights >= min_p.
+        keep = _SCRATCH.get("keep", sub.shape, np.bool_)
+        np.greater_equal(weights, min_p[:, None], out=keep)
         weights *= keep
     return weights
 
 
-def _truncation_thresholds(scores: np.ndarray, weights: np.ndarray, top: np.ndarray,
-                           top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
-    """Per row, the smallest scaled logit that top-k and then top-p keep (-inf: keep all).
+def _sparse_pick(sub: np.ndarray, keep: np.ndarray, top: np.ndarray, min_p: np.ndarray,
+                 u: np.ndarray) -> np.ndarray:
+    """Inverse CDF over each row's pre-selected tokens, all rows at once.
 
-    top-k, and top-p when its nucleus lies within the ``_TOP_P_CANDIDATES`` largest values
-    (the common case), come from one partition of the rows. A flat row's top-p cut is found
-    by sorting only a band of values around an estimate (``_nucleus_band``); only if that
-    misses does the row get a full sort.
+    Args:
+        sub: [r, vocab] scaled logits; keep: [r, vocab] the pre-selection (s >= lower).
+        top: [r] row maxima; min_p: [r] min-p (0 = off); u: [r] uniforms.
+
+    Returns:
+        [r] int64 token ids: the first id whose cumulative weight exceeds u * total.
+    """
+    r, vocab = sub.shape
+    flat = np.flatnonzero(keep)  # row-major, so each row's kept ids come ascending
+    row = flat // vocab
+    w = np.exp(sub.ravel()[flat] - top[row])  # the same float32 exp as the dense weights
+    if (min_p > 0).any():
+        w *= w >= min_p[row]
+    cum = np.cumsum(w, dtype=np.float64)  # across rows; each row's span is contiguous
+    ends = np.cumsum(np.bincount(row, minlength=r))  # [r]; each row keeps >= 1 (its top)
+    starts = np.concatenate(([0], ends[:-1]))
+    before = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0.0)
+    target = before + u * (cum[ends - 1] - before)
+    i = np.minimum(np.searchsorted(cum, target, side="right"), ends - 1)
+    # u * total rounded onto a row's end, where min-p left zeros: its last positive token.
+    for j in np.flatnonzero(w[i] <= 0):
+        i[j] = starts[j] + np.flatnonzero(w[starts[j]:ends[j]] > 0)[-1]
+    return flat[i] - row[i] * vocab
+
+
+def _truncation_thresholds(scores: np.ndarray, top: np.ndarray, top_k: np.ndarray,
+                           top_p: np.ndarray) -> np.ndarray:
+    """Per row, the smallest scaled logit that top-k and then top-p keep (-inf: keep all).
 
     Args:
         scores: [n, vocab] scaled logits.
-        weights: [n, vocab] exp(scores - top).
         top: [n] row maxima of ``scores``.
         top_k: [n] top-k per row (0 = off).
         top_p: [n] top-p per row (1 = off).
@@ -370,37 +478,33 @@ def _truncation_thresholds(scores: np.ndarray, weights: np.ndarray, top: np.ndar
     if todo.size == 0:
         return threshold
     # top-p normalises over what top-k left: [todo] total weight of each row's top-k set.
-    mass = _rows(weights, todo).sum(axis=1).astype(np.float64)
+    sub = _rows(scores, todo)
+    weights = _SCRATCH.get("weights", sub.shape, np.float32)  # [todo, vocab]
+    np.subtract(sub, top[todo, None], out=weights)
+    np.exp(weights, out=weights)
     both = np.flatnonzero(use_k[todo])
     if both.size:
-        at = todo[both]
-        mass[both] = (weights[at] * (scores[at] >= kth[at, None])).sum(axis=1)
+        weights[both] *= sub[both] >= kth[todo[both], None]
+    mass = weights.sum(axis=1).astype(np.float64)
     target = top_p[todo] * mass  # [todo] the nucleus holds at least this much
-    cut, done, cand_mass = _cut_in_candidates(cand, top[todo], kth[todo], target, mass)
-    # With top-k on, size >= k: all that can lie below the candidates are ties with the k-th.
-    done |= (size == vocab) | use_k[todo]
-    threshold[todo[done]] = np.maximum(kth[todo[done]], cut[done])
-    left = ~done
-    if not left.any():
-        return threshold
-    if not _BAND_STRIDE:
-        todo = todo[left]
-        cut, _, _ = _cut_in_candidates(_largest(scores, todo, vocab), top[todo],
-                                       kth[todo], target[left], mass[left])
-        threshold[todo] = cut
-        return threshold
-
-    todo, target, mass = todo[left], target[left], mass[left]
-    cut, done = _nucleus_band(scores, weights, top, todo, cand[left, 0], cand_mass[left],
-                              target, mass)
-    threshold[todo[done]] = cut[done]
-    todo, target, mass = todo[~done], target[~done], mass[~done]
-    if todo.size:
-        # The band missed (a row neither flat nor peaked enough): sort the whole row.
-        cut, _, _ = _cut_in_candidates(_largest(scores, todo, vocab), top[todo],
-                                       kth[todo], target, mass)
-        threshold[todo] = cut
-    return threshold
+    while True:
+        cut, found, inside = _cut_in_candidates(cand, top[todo], kth[todo], target, mass)
+        # Settled if the cut falls inside the candidates, or they are the whole vocabulary,
+        # or top-k is on (size >= k: all that can lie below the candidates are ties with
+        # the k-th, which stay).
+        done = found | (size == vocab) | use_k[todo]
+        threshold[todo[done]] = np.maximum(kth[todo[done]], cut[done])
+        left = ~done
+        if not left.any():
+            return threshold
+        todo, target, mass = todo[left], target[left], mass[left]
+        # A flatter row: more candidates. _TOP_P_WIDE only where the first ones came close
+        # (a nucleus of hundreds); a flat row, whose nucleus is a good part of the
+        # vocabulary, goes straight to a full sort rather than paying for both.
+        close = inside[left] >= _WIDE_IF_HELD * target
+        size = _TOP_P_WIDE if size < _TOP_P_WIDE and close.any() else vocab
+        size = min(size, vocab)
+        cand = _largest(scores, todo, size)
 
 
 def _cut_in_candidates(cand: np.ndarray, top: np.ndarray, kth: np.ndarray, target: np.ndarray,
@@ -418,7 +522,8 @@ def _cut_in_candidates(cand: np.ndarray, top: np.ndarray, kth: np.ndarray, targe
         ([r] float32 cut, [r] bool found within the candidates, [r] float64 candidates' mass).
     """
     # The same float32 exp as `weights`, so these equal the rows' entries.
-    w = np.subtract(cand, top[:, None])  # [r, size]
+    w = _SCRATCH.get("cand_weights", cand.shape, np.float32)  # [r, size]
+    np.subtract(cand, top[:, None], out=w)
     np.exp(w, out=w)
     if np.isfinite(kth).any():
         w *= cand >= kth[:, None]
@@ -435,70 +540,19 @@ def _cut_in_candidates(cand: np.ndarray, top: np.ndarray, kth: np.ndarray, targe
     return cut, found, inside
 
 
-def _nucleus_band(scores: np.ndarray, weights: np.ndarray, top: np.ndarray, rows: np.ndarray,
-                  cand_min: np.ndarray, cand_mass: np.ndarray, target: np.ndarray,
-                  mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """top-p's cut for rows whose nucleus reaches below their candidates (flat rows).
-
-    Estimates the mass at or above each value of a strided sample (exact above the
-    candidates, sampled below), brackets the cut by [lo, hi] with a margin, checks the
-    bracket exactly, and sorts only the values inside it.
-
-    Args:
-        scores, weights, top: as in ``_truncation_thresholds`` (all rows).
-        rows: [r] the rows to cut (no top-k).
-        cand_min: [r] the smallest candidate of each row; cand_mass: [r] the candidates' mass.
-        target: [r] top_p * mass; mass: [r] the rows' total weight.
-
-    Returns:
-        ([r] float32 cut, [r] bool found); rows not found need a full sort.
-    """
-    r = rows.size
-    at = np.arange(r)
-    sample = np.sort(scores[rows, ::_BAND_STRIDE], axis=1)  # [r, m] ascending
-    m = sample.shape[1]
-    below = np.exp(sample - top[rows, None]) * (sample < cand_min[:, None])  # [r, m]
-    # est[:, i]: estimated mass of the values >= sample[:, i]; decreasing in i.
-    est = cand_mass[:, None] + _BAND_STRIDE * np.cumsum(below[:, ::-1], axis=1)[:, ::-1]
-    # hi: the lowest sample value whose estimate stays below target - margin (else the
-    # candidates' minimum); lo: the highest whose estimate reaches target + margin (else -inf).
-    i_hi = (est > (target - _BAND_MARGIN * mass)[:, None]).sum(axis=1)
-    n_lo = (est >= (target + _BAND_MARGIN * mass)[:, None]).sum(axis=1)
-    hi = np.where(i_hi < m, sample[at, np.minimum(i_hi, m - 1)], cand_min)  # [r]
-    lo = np.where(n_lo > 0, sample[at, np.maximum(n_lo - 1, 0)], -np.inf)  # [r]
-
-    sub, wsub = _rows(scores, rows), _rows(weights, rows)  # [r, vocab]
-    above = (wsub * (sub > hi[:, None])).sum(axis=1).astype(np.float64)  # [r] exact
-    band = (sub >= lo[:, None]) & (sub <= hi[:, None])  # [r, vocab]
-    counts = band.sum(axis=1)
-    ends = np.cumsum(counts)
-    starts = ends - counts
-    vals = sub.ravel()[np.flatnonzero(band)]  # row-major: each row's band is contiguous
-    if vals.size == 0:
-        return np.zeros(r, dtype=np.float32), np.zeros(r, dtype=bool)
-    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        vals[a:b].sort()  # ascending within the row's band
-    owner = np.repeat(at, counts)
-    # cum[i]: weight of the first i band values (all rows in a row); the same float32 exp.
-    cum = np.zeros(vals.size + 1)
-    np.cumsum(np.exp(vals - top[rows][owner]), dtype=np.float64, out=cum[1:])
-    # The band value at index i is the nucleus's last iff the mass at or above it,
-    # above + cum[end] - cum[i], reaches the target: the highest such i.
-    i = np.searchsorted(cum, cum[ends] + above - target, side="right") - 1
-    found = (above < target) & (counts > 0) & (i >= starts)
-    cut = vals[np.clip(i, 0, vals.size - 1)]
-    return np.minimum(cut, top[rows]).astype(np.float32), found
-
-
 def _rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``a[rows]`` for sorted distinct ``rows``; ``a`` itself (no copy) when that is every row."""
     return a if rows.size == a.shape[0] else a[rows]
 
 
 def _largest(scores: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
-    """[len(rows), size]: the ``size`` largest values of each of ``rows``, ascending."""
+    """[len(rows), size]: the ``size`` largest values of each of ``rows``, ascending.
+
+    For ``size`` >= vocab the result is the "sort" scratch buffer, else a new array.
+    """
     vocab = scores.shape[1]
-    sub = scores[rows]  # a copy, so sorting in place leaves ``scores`` intact
+    sub = _SCRATCH.get("sort", (rows.size, vocab), np.float32)
+    np.take(scores, rows, axis=0, out=sub, mode="clip")  # sorted in place below
     if size >= vocab:
         sub.sort(axis=1)
         return sub
@@ -562,8 +616,8 @@ def _first_cumulative(w: np.ndarray, target: np.ndarray, strict: bool,
     left = target - np.where(b > 0, cum[rows, b - 1], 0.0)  # [n] target within block b
     cols = b[:, None] * block + np.arange(block)  # [n, block]
     inside = cols < size
-    chunk = np.where(inside, w[rows[:, None], np.minimum(cols, size - 1)], 0.0)  # [n, block]
-    c = np.cumsum(chunk, axis=1)  # float64
+    chunk = w[rows[:, None], np.minimum(cols, size - 1)] * inside  # [n, block]
+    c = np.cumsum(chunk, axis=1, dtype=np.float64)
     j = short(c, left[:, None]).sum(axis=1)  # [n]
     # The block passes but its own cumsum rounds just short: its last positive entry.
     for r in np.flatnonzero(found & (j >= block)):

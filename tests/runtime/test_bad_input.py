@@ -25,7 +25,7 @@ from gpt2onnx.runtime import GenerationParams, Model
     ({"top_p": 0.0}, "top_p", r"top_p must be in \(0, 1\], got 0.0"),
     ({"top_p": 1.5}, "top_p", r"top_p must be in \(0, 1\], got 1.5"),
     ({"top_k": -1}, "top_k", "top_k must be >= 0, got -1; use 0 to disable"),
-    ({"max_new_tokens": 0}, "max_new_tokens", "max_new_tokens must be >= 1, got 0"),
+    ({"max_new_tokens": -1}, "max_new_tokens", "max_new_tokens must be >= 0, got -1"),
     ({"max_new_tokens": 2.5}, "max_new_tokens", "must be an integer"),
     ({"repetition_penalty": 0}, "repetition_penalty", "must be > 0"),
     ({"seed": -3}, "seed", "non-negative integer"),

@@ -81,7 +81,7 @@ def hf_probs(logits: np.ndarray, params: GenerationParams, prompt: list[int],
 
 def cdf_pick(probs: np.ndarray, u: float) -> int:
     """Inverse CDF in token-id order: the first id whose cumulative probability > u * total."""
-    cum = np.cumsum(probs)
+    cum = np.cumsum(probs, dtype=np.float64)
     return int(np.searchsorted(cum, u * cum[-1], side="right"))
 
 
@@ -286,6 +286,24 @@ def test_batch_gives_each_row_what_it_gets_alone(vocab, scale):
     assert len({tuple(t) for t in together}) == len(ROW_PARAMS)
 
 
+@pytest.mark.parametrize("u", [0.0, 0.5, 1.0 - 2.0 ** -40])
+def test_batch_edges_of_the_cdf_stay_in_their_row(u):
+    """u = 0 and u -> 1 land on a row's first and last kept token, never a neighbour's."""
+    rng = np.random.default_rng(8)
+    logits = (rng.standard_normal((6, 50257)) * 3).astype(np.float32)
+    params = [GenerationParams(temperature=1.0, top_k=5), GenerationParams(temperature=1.0),
+              GenerationParams(temperature=0.8, top_p=0.5),
+              GenerationParams(temperature=1.0, min_p=0.2),
+              GenerationParams(temperature=1.0, top_k=40, top_p=0.9, min_p=0.05),
+              GenerationParams(temperature=1.0, top_k=3)]
+    together = pick_tokens(logits, [FixedDraw(p, [], EOS, draws=[u]) for p in params])
+    for i, p in enumerate(params):
+        alone = pick_tokens(logits[i:i + 1], [FixedDraw(p, [], EOS, draws=[u])])
+        assert together[i] == alone[0], f"row {i}: {p}"
+        probs = np.exp(processed_logprobs(logits[i:i + 1], [RowSampler(p, [], EOS)])[0])
+        assert together[i] == cdf_pick(probs, u)
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens():
     logits = np.random.default_rng(0).standard_normal((1, 50257)).astype(np.float32)
 
@@ -404,6 +422,36 @@ def test_logits_are_never_written():
         for s, t in zip(samplers, chosen.tolist(), strict=True):
             s.observe(t)
     np.testing.assert_array_equal(logits, before)
+
+
+def test_threads_do_not_share_work_buffers():
+    """Work buffers are per thread: concurrent batches give what they give alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(6)
+    batches = [rng.standard_normal((n, 50257)).astype(np.float32) for n in (1, 3, 8, 16)]
+
+    def run(logits: np.ndarray) -> list[int]:
+        samplers = [RowSampler(GenerationParams(temperature=0.9, top_p=0.9, seed=i), [], EOS)
+                    for i in range(logits.shape[0])]
+        return [t for _ in range(5) for t in pick_tokens(logits, samplers).tolist()]
+
+    alone = [run(b) for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(run, batches)) == alone
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits_raise_instead_of_picking_garbage(bad):
+    logits = np.zeros((2, 100), dtype=np.float32)
+    if bad == -np.inf:
+        logits[1] = bad  # every token impossible
+    else:
+        logits[1, 3] = bad  # one NaN or +inf spoils the row's softmax
+    samplers = [RowSampler(GenerationParams(temperature=1.0), [], None) for _ in range(2)]
+    with pytest.raises(ValueError, match="sampled row 1 of 2: no token has a positive"):
+        pick_tokens(logits, samplers)
 
 
 def test_bad_batch_shapes():
