@@ -285,3 +285,16 @@ def test_format_1_folder_still_generates(tiny_checkpoint, tmp_path):
         old.score("Hello world")
     with pytest.raises(InvalidParameterError, match="re-export"):
         old.generate("Hello", params.with_(prompt_logprobs=1))
+
+
+def test_threads_on_one_model_each_get_their_solo_tokens(tiny_fused):
+    """One Model, several threads, a generator each: no generation is disturbed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = Model(tiny_fused)
+    prompts = ["Hello world", "Once upon a time", "The module", "Why is", "A B C"] * 4
+    params = GenerationParams(max_new_tokens=12, stop_on_eos=False)
+    solo = {p: Model(tiny_fused).generate(p, params).token_ids for p in set(prompts)}
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: model.generate(p, params).token_ids, prompts))
+    assert got == [solo[p] for p in prompts]
