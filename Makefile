@@ -23,7 +23,7 @@ GEN_ARGS  ?= --repetition-penalty 1.3
 PORT      ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run export generate test test-fast test-slow lint bench bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
+.PHONY: setup run export generate test test-fast test-slow lint bench bench-core bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,9 +75,16 @@ $(OPT_STAMP):
 
 bench-setup: setup $(OPT_STAMP)
 
-# The full bench (gpt2 architecture, every variant; ~20-30 min on 2 cores).
+# The full bench (gpt2 architecture, every variant; ~20-30 min on 2 cores), then the
+# one-step core's (sampled vs greedy, scoring vs transformers; ~10 min).
 bench: bench-setup
 	$(BIN)/python -m gpt2onnx.bench
+	$(BIN)/python -m gpt2onnx.bench.core
+
+# Only the one-step core's numbers; BASELINE=<git ref> adds a paired run of that code.
+BASELINE ?=
+bench-core: setup
+	$(BIN)/python -m gpt2onnx.bench.core $(if $(BASELINE),--baseline $(BASELINE))
 
 bench-smoke: setup
 	$(BIN)/python -m gpt2onnx.bench --smoke

@@ -162,6 +162,7 @@ class Generator:
         self._last = np.zeros(size, np.int64)  # [batch] token each slot feeds next step
         self._active = np.zeros(size, bool)  # [batch] slots that decode next step
         self._driver = threading.Lock()
+        self._stack_buf: np.ndarray | None = None  # [batch, vocab] sampled rows' logits
 
     def close(self) -> None:
         """Hand the cache back to the model now (also happens when the generator is
@@ -347,7 +348,7 @@ class Generator:
             else:
                 need.append((slot, row, k))
         if need:
-            stacked = np.stack([result.logits(k)[-1] for _, _, k in need])  # [rows, vocab]
+            stacked = self._stack([result.logits(k)[-1] for _, _, k in need])  # [rows, vocab]
             chosen = pick_tokens(stacked, [r.sampler for _, r, _ in need])
             for (slot, _, _), t in zip(need, chosen.tolist(), strict=True):
                 tokens[slot] = int(t)
@@ -359,6 +360,21 @@ class Generator:
             if picked is not None:
                 picked[slot] = token
             self._take(slot, row, token)
+
+    def _stack(self, rows: list[np.ndarray]) -> np.ndarray:
+        """[n, vocab] of n logits rows: a read-only view when they are consecutive rows of
+        one buffer (a decode step's, the usual case), else a copy into a buffer kept for it.
+        Never a fresh multi-MB array per step: those are mmapped and page-fault every time."""
+        first, n = rows[0], len(rows)
+        width = first.shape[0] * first.itemsize
+        base = first.base if first.base is not None else first
+        if all(r.base is base and r.ctypes.data == first.ctypes.data + i * width
+               for i, r in enumerate(rows)) and first.flags.c_contiguous:
+            return np.lib.stride_tricks.as_strided(first, (n, first.shape[0]),
+                                                   (width, first.itemsize), writeable=False)
+        if self._stack_buf is None or self._stack_buf.shape[0] < n:
+            self._stack_buf = np.empty((len(self.rows), first.shape[0]), np.float32)
+        return np.stack(rows, out=self._stack_buf[:n])
 
     def _take(self, slot: int, row: Row, token: int) -> None:
         self._last[slot] = token
