@@ -50,7 +50,9 @@ for line in sys.stdin:
 """
 
 SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 0}
+TEMPERATURE = {"temperature": 0.8, "seed": 0}  # the sampler's cheapest path, for reference
 GREEDY: dict[str, Any] = {}
+KINDS = {"greedy": GREEDY, "sampled": SAMPLED, "temperature": TEMPERATURE}
 
 
 class Worker:
@@ -91,19 +93,19 @@ def sampled_vs_greedy(folders: dict[str, Path], prompt: list[int], new: int, run
         w = Worker(folder, prepare.REPO)
         try:
             for batch in batches:
-                w.run(prompt, 4, batch, GREEDY)  # warm-up: arena and bindings
-                w.run(prompt, 4, batch, SAMPLED)
-                ms: dict[str, list[float]] = {"greedy": [], "sampled": []}
+                for params in KINDS.values():  # warm-up: arena and bindings
+                    w.run(prompt, 4, batch, params)
+                ms: dict[str, list[float]] = {kind: [] for kind in KINDS}
                 for r in range(runs):
-                    order = ["greedy", "sampled"] if r % 2 == 0 else ["sampled", "greedy"]
+                    order = list(KINDS)[r % 3:] + list(KINDS)[:r % 3]  # rotate the order
                     for kind in order:
-                        ms[kind].append(w.run(prompt, new, batch,
-                                              GREEDY if kind == "greedy" else SAMPLED))
-                g, s = statistics.median(ms["greedy"]), statistics.median(ms["sampled"])
+                        ms[kind].append(w.run(prompt, new, batch, KINDS[kind]))
+                g, s, t = (statistics.median(ms[k]) for k in KINDS)
                 out.append({"precision": precision, "batch": batch, "greedy_ms": g,
-                            "sampled_ms": s, "ratio": s / g, "runs": ms})
+                            "sampled_ms": s, "ratio": s / g, "temperature_ms": t,
+                            "temperature_ratio": t / g, "runs": ms})
                 _log(f"{precision} batch {batch}: greedy {g:.2f} sampled {s:.2f} "
-                     f"ms/step ({s / g:.3f}x)")
+                     f"({s / g:.3f}x) temperature-only {t:.2f} ({t / g:.3f}x) ms/step")
         finally:
             w.close()
     return out
@@ -210,11 +212,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# One-step core bench ({result['when']})", "",
              f"Checkpoint: {result['checkpoint']}. Load average at start: {result['load']}.", "",
              "## Sampled (temperature 0.8, top-p 0.95) against greedy, median ms per step", "",
-             "| precision | batch | greedy | sampled | sampled / greedy |",
-             "|---|---:|---:|---:|---:|"]
+             "| precision | batch | greedy | sampled | sampled / greedy | temperature 0.8 "
+             "alone | / greedy |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["sampling"]:
         lines.append(f"| fused {r['precision']} | {r['batch']} | {r['greedy_ms']:.2f} | "
-                     f"{r['sampled_ms']:.2f} | {r['ratio']:.3f} |")
+                     f"{r['sampled_ms']:.2f} | {r['ratio']:.3f} | {r['temperature_ms']:.2f} | "
+                     f"{r['temperature_ratio']:.3f} |")
     if result.get("baseline"):
         ref = result["baseline"][0]["ref"]
         lines += ["", f"## Batch 1 against the code before the change ({ref})",
