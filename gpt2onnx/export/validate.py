@@ -163,9 +163,10 @@ class _Errors:
 
 
 def validation_provider(target: str) -> tuple[str, str]:
-    """Where a folder built for ``target`` is validated, and why: on its own provider when
-    this onnxruntime has it and a device answers; a CUDA folder otherwise has its numbers
-    checked on the CPU provider (fused fp16 and int4 have CPU kernels)."""
+    """Where a folder built for ``target`` is validated, and why: on CUDA when this
+    onnxruntime build has the CUDA provider (a build without a working device then fails
+    the export loudly rather than passing unchecked); otherwise a CUDA folder has its
+    numbers checked on the CPU provider (fused fp16 and int4 have CPU kernels)."""
     if target != "cuda":
         return "cpu", "cpu"
     import onnxruntime as ort

@@ -89,7 +89,9 @@ class StepResult:
 
 
 def _check_appends(appends: Sequence[Append], batch_size: int, lengths: np.ndarray,
-                   capacity: int) -> None:
+                   capacity: int, vocab: int) -> None:
+    if not appends:
+        raise InvalidParameterError("appends", "a step needs at least one Append.")
     seen: set[int] = set()
     for a in appends:
         if not 0 <= a.slot < batch_size:
@@ -103,14 +105,29 @@ def _check_appends(appends: Sequence[Append], batch_size: int, lengths: np.ndarr
         if n < 1:
             raise InvalidParameterError("tokens", f"append to slot {a.slot} has no tokens; "
                                         "give at least one.")
-        if not 0 <= a.keep <= n:
-            raise InvalidParameterError("keep", f"keep must be in [0, {n}] for {n} tokens, "
-                                        f"got {a.keep}.")
+        if isinstance(a.keep, bool) or not isinstance(a.keep, (int, np.integer)) \
+                or not 0 <= a.keep <= n:
+            raise InvalidParameterError("keep", f"keep must be an integer in [0, {n}] for {n} "
+                                        f"tokens, got {a.keep!r}.")
+        if n > 1:  # one-token appends are checked together below
+            _check_ids(a.tokens, vocab)
         if int(lengths[a.slot]) + n > capacity:
             raise PromptTooLongError(
                 "max_new_tokens", f"slot {a.slot} holds {int(lengths[a.slot])} tokens; "
                 f"{n} more exceed the cache's capacity of {capacity} tokens. Shorten the text "
                 "or ask for fewer new tokens.")
+
+
+def _check_ids(tokens: Sequence[int] | np.ndarray, vocab: int) -> None:
+    ids = np.asarray(tokens)
+    if ids.size == 0:
+        return
+    if ids.dtype.kind not in "iu":
+        raise InvalidParameterError("tokens", f"token ids must be integers, got {ids.dtype}.")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+        raise InvalidParameterError("tokens", f"token id {bad} is outside the vocabulary "
+                                    f"[0, {vocab - 1}]; use ids from this model's tokenizer.")
 
 
 class StandardCache:
@@ -153,7 +170,9 @@ class StandardCache:
     def step(self, appends: Sequence[Append]) -> StepResult:
         """Append each ``Append``'s tokens to its row in one run; rows not named advance by
         nothing. Returns the logits asked for."""
-        _check_appends(appends, self.batch_size, self.lengths, self.capacity)
+        _check_appends(appends, self.batch_size, self.lengths, self.capacity,
+                       self.manifest.vocab_size)
+        _check_ids([a.tokens[0] for a in appends if len(a.tokens) == 1], self.manifest.vocab_size)
         width = max(len(a.tokens) for a in appends)
         ids = np.full((self.batch_size, width), self.pad_id, np.int64)
         new_mask = np.zeros((self.batch_size, width), np.int64)
@@ -263,6 +282,8 @@ class FusedCache:
         self._total_v = ort.OrtValue.ortvalue_from_numpy(self.total)
         self._logits_v = self._mirror(self.logits_host)
         self._next_v = self._mirror(self.next_host)
+        if device[0] != "cpu":
+            self._index_v.update_inplace(self.index)  # device memory starts undefined
 
         # CUDA graphs (session built with enable_cuda_graph): one-token runs have static
         # shapes and fixed bound addresses, so each (slot range) captures one graph and
@@ -270,7 +291,7 @@ class FusedCache:
         # graph keeps the value it saw (seqlens_k, a bound buffer, carries each row's length).
         # Other runs have a new shape every time and run eagerly (id -1).
         self.cuda_graph = cuda_graph
-        self._graph_base = next(_graph_ids) * 1_000_003 if cuda_graph else 0
+        self._graph_base = next(_graph_ids) * 65_536 if cuda_graph else 0
         self.eager_options = ort.RunOptions()
         if cuda_graph:
             self.eager_options.add_run_config_entry(CUDA_GRAPH_ID, "-1")
@@ -325,7 +346,7 @@ class FusedCache:
     def step(self, appends: Sequence[Append]) -> StepResult:
         """Append each ``Append``'s tokens to its slot; returns the logits asked for.
         Slots not named are not advanced and their cached tokens are not written."""
-        _check_appends(appends, self.batch_size, self.lengths, self.capacity)
+        _check_appends(appends, self.batch_size, self.lengths, self.capacity, self.vocab)
         logits: list[np.ndarray | None] = [None] * len(appends)
         argmax: list[np.ndarray | None] = [None] * len(appends)
         fetch: list | None = None if self.on_cpu else []
@@ -348,7 +369,10 @@ class FusedCache:
         start = 0
         while start < len(order):  # adjacent empty slots share one right-padded run
             end = start + 1
-            while end < len(order) and appends[order[end]].slot == appends[order[end - 1]].slot + 1:
+            # Rows share a run only when each needs one position's logits: a run returns
+            # [rows, max keep, vocab], so one scoring row would inflate every other row.
+            while (end < len(order) and appends[order[end]].slot == appends[order[end - 1]].slot + 1
+                   and appends[order[end]].keep <= 1 and appends[order[start]].keep <= 1):
                 end += 1
             group = order[start:end]
             self._run_many([appends[k] for k in group], group, logits, argmax, fetch, past=0)
@@ -377,6 +401,7 @@ class FusedCache:
             for k in order:
                 if first <= slots[k] <= last:
                     self.ids[slots[k], 0] = int(appends[k].tokens[0])
+            _check_ids(self.ids[view, 0], self.vocab)  # one check for the whole run
             self.total[...] = self.capacity if self.cuda_graph else int(lengths[view].max()) + 1
             if not self.on_cpu:
                 self._ids_v.update_inplace(self.ids)
@@ -436,8 +461,11 @@ class FusedCache:
                           shape[:-1], self._next_v.data_ptr() + first * 8)
             options = ort.RunOptions()
             if self.cuda_graph:
-                options.add_run_config_entry(CUDA_GRAPH_ID,
-                                             str(self._graph_base + first * 4096 + rows))
+                # One captured graph per row count from slot 0 (ids unique per cache: its
+                # buffers have their own addresses); a range split off by a full slot is
+                # rare and runs eagerly rather than capturing a graph per range.
+                graph = self._graph_base + rows if first == 0 else -1
+                options.add_run_config_entry(CUDA_GRAPH_ID, str(graph))
             self._bindings[key] = (b, options)
         return self._bindings[key]
 

@@ -167,7 +167,13 @@ class Generator:
     def close(self) -> None:
         """Hand the cache back to the model now (also happens when the generator is
         collected); the generator cannot step afterwards."""
-        self._finalizer()
+        if not self._driver.acquire(blocking=False):  # never while a thread is in a step
+            raise GeneratorBusyError("another thread is driving this Generator; close it "
+                                     "from the thread that drives it, after its step.")
+        try:
+            self._finalizer()  # idempotent
+        finally:
+            self._driver.release()
 
     @contextmanager
     def _driving(self) -> Iterator[None]:
@@ -312,8 +318,12 @@ class Generator:
         t0 = time.perf_counter()
         slots, self._waiting = self._waiting, []
         rows = [self.rows[s] for s in slots]
-        result = self.cache.step([Append(s, r.prompt_ids, _keep(r))
-                                  for s, r in zip(slots, rows, strict=True)])
+        try:
+            result = self.cache.step([Append(s, r.prompt_ids, _keep(r))
+                                      for s, r in zip(slots, rows, strict=True)])
+        except BaseException:
+            self._waiting = slots  # nothing entered the cache: the prompts still wait
+            raise
         picked = np.full(len(self.rows), -1, np.int64)
         self._after_prompts([(s, r, k) for k, (s, r) in enumerate(zip(slots, rows, strict=True))],
                             result, picked)
@@ -331,6 +341,8 @@ class Generator:
             if row.max_new_tokens == 0:
                 row.finish_reason = FINISH_LENGTH  # scored, nothing to generate
                 self._active[slot] = False
+                if self.cache.supports_slots:
+                    self.cache.release(slot)
             else:
                 generating.append((slot, row, k))
         self._pick(generating, result, picked)
@@ -381,11 +393,15 @@ class Generator:
         row.sampler.observe(token)
         self._advance(row, token)
         self._active[slot] = not row.done
+        if row.done and self.cache.supports_slots:
+            # Its ids and text live in the row; an empty slot rides later steps for free.
+            self.cache.release(slot)
 
     def _advance(self, row: Row, token: int) -> None:
         row.token_ids.append(token)
-        # min_tokens: neither EOS nor a stop string ends the row before it (as vLLM).
-        early = len(row.token_ids) <= row.params.min_tokens
+        # min_tokens: neither EOS nor a stop string ends the row before it (as vLLM, which
+        # skips stop checks while the output is shorter than min_tokens).
+        early = len(row.token_ids) < row.params.min_tokens
         if row.params.stop_on_eos and token == self.eos and not early:
             row.finish_reason = FINISH_STOP
             return

@@ -508,6 +508,8 @@ class Engine:
             error = ModelRunError(f"the model run failed: {exc}")
             for t in list(self._running):
                 self._retire(t, error, "error")
+            if self._gen is not None:
+                self._gen.close()  # its cache goes back to the pool for the new generator
             self._gen = self._new_generator()
             return
         for t in list(self._running):

@@ -89,6 +89,12 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
         params = params.with_(prompt_logprobs=max(params.logprobs,
                                                   params.prompt_logprobs or 0))
 
+    if params.prompt_logprobs is not None and not model.manifest.any_logits:
+        raise BadRequestError(
+            "this model folder (format 1) returns logits for the last position only, so "
+            "prompt log-probs (echo with logprobs, prompt_logprobs) are unavailable; "
+            "re-export it with this version of gpt2onnx.", "echo" if echo else
+            "prompt_logprobs", "unsupported")
     prompts = _prompts(data)
     if len(prompts) * n > max_choices:
         raise BadRequestError(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} "
@@ -98,10 +104,12 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
     texts: list[str] = []
     for prompt in prompts:
         ids = model.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        given = len(ids)
         ids, _ = _checked(plan_row, ids, params, model.context_length,
                           model.manifest.vocab_size)
-        # Echoed as given: ids decode with their special tokens, so text and text_offset agree.
-        texts.append(prompt if isinstance(prompt, str)
+        # Echoed as run: ids decode with their special tokens (text and text_offset agree),
+        # and a prompt truncated to fit is echoed as truncated.
+        texts.append(prompt if isinstance(prompt, str) and len(ids) == given
                      else model.tokenizer.decode(ids, skip_special_tokens=False))
         rows += [RowSpec(tuple(ids), derive_seed(params, j)) for j in range(n)]
     return CompletionCall(EngineRequest(tuple(rows)), served_name, int(time.time()), n,
@@ -242,9 +250,10 @@ class CompletionFormatter:
                     + entries
             choice["logprobs"] = self._logprobs(d.index, ids, entries)
         if first and self.call.prompt_logprobs is not None:
+            n_top = self.call.prompt_logprobs  # echo may have asked the engine for more
             choice["prompt_logprobs"] = [
                 None if e is None else {str(t): self._vllm_logprob(t, lp, e)
-                                        for t, lp in ((e.token_id, e.logprob), *e.top)}
+                                        for t, lp in ((e.token_id, e.logprob), *e.top[:n_top])}
                 for e in d.prompt_logprobs or []]
         return choice
 

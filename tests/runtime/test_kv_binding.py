@@ -298,3 +298,55 @@ def test_threads_on_one_model_each_get_their_solo_tokens(tiny_fused):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda p: model.generate(p, params).token_ids, prompts))
     assert got == [solo[p] for p in prompts]
+
+
+def test_step_refuses_bad_appends_with_typed_errors(tiny_fused):
+    import pytest
+
+    from gpt2onnx.errors import InvalidParameterError, PromptTooLongError
+
+    cache = Model(tiny_fused).cache(2)
+    cases = [([], "at least one Append"),
+             ([Append(2, [1])], "slot 2 is outside"),
+             ([Append(0, [1]), Append(0, [2])], "appears twice"),
+             ([Append(0, [])], "has no tokens"),
+             ([Append(0, [1, 2], keep=3)], "keep must be an integer in \\[0, 2\\]"),
+             ([Append(0, [1, 2], keep=1.5)], "keep must be an integer"),
+             ([Append(0, [1, 99999])], "token id 99999 is outside the vocabulary"),
+             ([Append(0, [-1])], "token id -1 is outside the vocabulary")]
+    for appends, match in cases:
+        with pytest.raises(InvalidParameterError, match=match):
+            cache.step(appends)
+    with pytest.raises(PromptTooLongError, match="capacity of 128"):
+        cache.step([Append(0, list(range(129)))])
+    assert cache.lengths.tolist() == [0, 0]  # nothing of a refused step happened
+    with pytest.raises(InvalidParameterError, match="rewind to a length in \\[0, 0\\]"):
+        cache.rewind(0, 3)
+
+
+def test_a_scoring_row_beside_prompts_runs_alone(tiny_fused):
+    """A prompt asking for every position's logits does not make its neighbours' run
+    return that many positions, and every row gets the logits it gets alone."""
+    model = Model(tiny_fused)
+    a, b, c = [1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13]
+    res = model.cache(3).step([Append(0, a, keep=6), Append(1, b), Append(2, c)])
+    assert res.logits(0).shape[0] == 6 and res.logits(1).shape[0] == 1
+    for slot_ids, k in ((a, 0), (b, 1), (c, 2)):
+        alone = model.cache(1).step([Append(0, slot_ids, keep=len(slot_ids))]).logits(0)
+        np.testing.assert_allclose(res.logits(k), alone[-res.logits(k).shape[0]:], atol=1e-5)
+
+
+def test_min_tokens_holds_back_stop_strings_like_vllm(tiny_fused):
+    model = Model(tiny_fused)
+    base = GenerationParams(max_new_tokens=8, stop_on_eos=False)
+    free = model.generate("Hello", base)
+    stop = model.decode(free.token_ids[:1])
+    assert stop and free.text.startswith(stop)
+    first_stops = model.generate("Hello", base.with_(stop=(stop,)))
+    assert first_stops.token_ids == free.token_ids[:1] and first_stops.text == ""
+    # min_tokens=1: the first token may complete a stop string (vLLM checks once the
+    # output is min_tokens long); min_tokens=2: it may not.
+    assert model.generate("Hello", base.with_(stop=(stop,), min_tokens=1)).token_ids == \
+        free.token_ids[:1]
+    held = model.generate("Hello", base.with_(stop=(stop,), min_tokens=2))
+    assert len(held.token_ids) >= 2

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gpt2onnx.errors import InvalidParameterError
-from gpt2onnx.runtime import GenerationParams
+from gpt2onnx.runtime import GenerationParams, Model
 from gpt2onnx.runtime.generator import plan_row
 from gpt2onnx.serve import Engine
 from tests.serve.helpers import make_app
@@ -159,3 +159,26 @@ def test_body_over_the_limit_gets_413(client: TestClient) -> None:
         yield b'"}'
 
     assert_error(client.post("/v1/completions", content=chunked()), 413, None)
+
+
+def test_format_1_folder_refuses_prompt_logprobs_with_a_400(tiny_checkpoint, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from gpt2onnx.serve import Engine, EngineConfig
+    from tests.runtime.format1 import write_format1_folder
+    from tests.serve.helpers import make_app
+
+    folder = write_format1_folder(tiny_checkpoint, tmp_path / "v1")
+    engine = Engine(lambda: Model(folder), EngineConfig(max_batch_size=2))
+    assert engine.start().wait_ready(timeout=60)
+    try:
+        with TestClient(make_app(engine)) as client:
+            for body, param in (({"prompt": "Hi", "echo": True, "logprobs": 1,
+                                  "max_tokens": 0}, "echo"),
+                                ({"prompt": "Hi", "prompt_logprobs": 1}, "prompt_logprobs")):
+                error = assert_error(client.post("/v1/completions", json=body), 400, param)
+                assert "re-export" in error["message"]
+            ok = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+            assert ok.status_code == 200  # plain generation still works
+    finally:
+        engine.stop(drain_timeout=0)
