@@ -65,6 +65,7 @@ def runtime_scores(
 ) -> tuple[float, np.ndarray, float]:
     """(perplexity, argmax [blocks, block - 1], ms per step) through the runtime's cache."""
     from gpt2onnx.runtime import Model
+    from gpt2onnx.runtime.cache import Append
     from gpt2onnx.runtime.sampling import log_softmax
 
     model = Model(folder)
@@ -72,8 +73,13 @@ def runtime_scores(
     for start in range(0, len(blocks), batch):
         rows = blocks[start : start + batch]
         cache = model.cache(len(rows))
-        cache.reset()
-        logits = cache.prefill([[int(r[0])] for r in rows])
+        slots = range(len(rows))
+
+        def step(tokens: np.ndarray, cache=cache, slots=slots) -> np.ndarray:
+            result = cache.step([Append(i, [int(tokens[i])]) for i in slots])
+            return np.stack([result.logits(i)[-1] for i in slots])  # [batch, vocab]
+
+        logits = step(rows[:, 0])
         row_nll = np.zeros((len(rows), rows.shape[1] - 1))
         row_arg = np.zeros((len(rows), rows.shape[1] - 1), np.int64)
         for t in range(1, rows.shape[1]):
@@ -82,7 +88,7 @@ def runtime_scores(
             row_arg[:, t - 1] = logits.argmax(-1)
             if t + 1 < rows.shape[1]:
                 t0 = time.perf_counter()
-                logits = cache.decode(rows[:, t].astype(np.int64))
+                logits = step(rows[:, t])
                 step_ms.append((time.perf_counter() - t0) * 1e3)
         nll.append(row_nll)
         argmax.append(row_arg)
