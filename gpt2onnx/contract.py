@@ -187,6 +187,13 @@ class Manifest:
             )
         return manifest
 
+    def last_position_only(self, wanted: str) -> str:
+        """Why a format-1 folder cannot give ``wanted`` (logits past the last position),
+        and the fix."""
+        return (f"this model folder (format 1) returns logits for the last position only, "
+                f"so {wanted} is unavailable; re-export it with this version of gpt2onnx "
+                "(`python -m gpt2onnx.export`).")
+
     @property
     def any_logits(self) -> bool:
         """Whether the graph returns logits at any positions asked for (fused format 2,

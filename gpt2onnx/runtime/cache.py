@@ -94,9 +94,7 @@ def _check_appends(appends: Sequence[Append], batch_size: int, lengths: np.ndarr
         raise InvalidParameterError("appends", "a step needs at least one Append.")
     seen: set[int] = set()
     for a in appends:
-        if not 0 <= a.slot < batch_size:
-            raise InvalidParameterError("slot", f"slot {a.slot} is outside the cache's batch "
-                                        f"[0, {batch_size - 1}].")
+        _check_slot(a.slot, batch_size)
         if a.slot in seen:
             raise InvalidParameterError("slot", f"slot {a.slot} appears twice in one step; "
                                         "append its tokens as one list.")
@@ -219,10 +217,14 @@ class StandardCache:
         return full[:, np.flatnonzero(self.mask[row])]
 
 
-def _check_rewind(slot: int, length: int, lengths: np.ndarray, batch_size: int) -> None:
+def _check_slot(slot: int, batch_size: int) -> None:
     if not 0 <= slot < batch_size:
         raise InvalidParameterError("slot", f"slot {slot} is outside the cache's batch "
                                     f"[0, {batch_size - 1}].")
+
+
+def _check_rewind(slot: int, length: int, lengths: np.ndarray, batch_size: int) -> None:
+    _check_slot(slot, batch_size)
     if not 0 <= length <= int(lengths[slot]):
         raise InvalidParameterError("length", f"slot {slot} holds {int(lengths[slot])} "
                                     f"tokens; rewind to a length in [0, {int(lengths[slot])}], "
@@ -358,10 +360,8 @@ class FusedCache:
         if not self.any_logits:
             for a in appends:
                 if a.keep > 1:
-                    raise InvalidParameterError(
-                        "logits", f"this folder (format 1) returns logits for the last "
-                        f"position only; {a.keep} were asked for. Re-export it with this "
-                        "version of gpt2onnx (`python -m gpt2onnx.export`).")
+                    raise InvalidParameterError("logits", self.manifest.last_position_only(
+                        f"logits at {a.keep} positions"))
         # Lengths move only after every run: one-token runs see the slots as they were.
         if singles:
             self._run_singles([appends[k] for k in singles], singles, logits, argmax, fetch)

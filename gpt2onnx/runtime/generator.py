@@ -22,7 +22,7 @@ from tokenizers.decoders import DecodeStream
 from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError, PromptTooLongError
 from gpt2onnx.runtime.cache import Append, StepResult
 from gpt2onnx.runtime.params import GenerationParams
-from gpt2onnx.runtime.sampling import RowSampler, log_softmax, pick_tokens
+from gpt2onnx.runtime.sampling import RowSampler, log_softmax, pick_tokens, top_ids
 
 if TYPE_CHECKING:
     from gpt2onnx.runtime.model import Model
@@ -191,10 +191,8 @@ class Generator:
     def _new_row(self, ids: Sequence[int], params: GenerationParams) -> Row:
         ids, n_new = plan_row(ids, params, self.capacity, self.model.manifest.vocab_size)
         if params.prompt_logprobs is not None and not self.model.manifest.any_logits:
-            raise InvalidParameterError(
-                "prompt_logprobs", "this model folder (format 1) returns logits for the last "
-                "position only, so prompt log-probs are unavailable; re-export it with this "
-                "version of gpt2onnx (`python -m gpt2onnx.export`).")
+            raise InvalidParameterError("prompt_logprobs", self.model.manifest
+                                        .last_position_only("prompt log-probs"))
         return Row(prompt_ids=ids, params=params, max_new_tokens=n_new,
                    sampler=RowSampler(params, ids, self.eos),
                    decoder=DecodeStream(skip_special_tokens=True))
@@ -438,20 +436,13 @@ def _keep(row: Row) -> int:
     return len(row.prompt_ids) if row.params.prompt_logprobs is not None else 1
 
 
-def _top(logp: np.ndarray, n: int) -> np.ndarray:
-    """[rows, vocab] -> [rows, n] ids of the n most likely tokens, most likely first."""
-    ids = np.argpartition(logp, -n, axis=-1)[:, -n:]
-    order = np.argsort(-np.take_along_axis(logp, ids, axis=-1), axis=-1, kind="stable")
-    return np.take_along_axis(ids, order, axis=-1)
-
-
 def _logprob_of(logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
     """The chosen token's log-prob and the top alternatives, read now because the bound
     logits buffer is overwritten by the next step."""
     logp = log_softmax(logits.astype(np.float32, copy=False)[None])  # [1, vocab]
     top: tuple[tuple[int, float], ...] = ()
     if n_top:
-        top = tuple((int(i), float(logp[0, i])) for i in _top(logp, n_top)[0])
+        top = tuple((int(i), float(logp[0, i])) for i in top_ids(logp, n_top)[0])
     rank = 1 + int((logp[0] > logp[0, token]).sum())
     return TokenLogprob(token, float(logp[0, token]), top, rank)
 
@@ -468,7 +459,7 @@ def _prompt_logprobs(row: Row, logits: np.ndarray) -> list[TokenLogprob | None]:
     logp = log_softmax(logits[:-1].astype(np.float32, copy=False))  # [n - 1, vocab]
     chosen = logp[np.arange(len(targets)), targets]
     ranks = 1 + (logp > chosen[:, None]).sum(axis=1)
-    tops = _top(logp, n_top) if n_top else np.zeros((len(targets), 0), np.int64)
+    tops = top_ids(logp, n_top) if n_top else np.zeros((len(targets), 0), np.int64)
     for i, t in enumerate(targets.tolist()):
         top = tuple((int(j), float(logp[i, j])) for j in tops[i])
         out.append(TokenLogprob(t, float(chosen[i]), top, int(ranks[i])))

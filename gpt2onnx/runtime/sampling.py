@@ -238,6 +238,14 @@ def processed_logprobs(logits: np.ndarray, samplers: Sequence[RowSampler]) -> np
     return out
 
 
+def top_ids(logp: np.ndarray, n: int) -> np.ndarray:
+    """[rows, vocab] -> [rows, n] ids of the n largest entries, largest first (a partial
+    selection, then a sort of the n)."""
+    ids = np.argpartition(logp, -n, axis=-1)[:, -n:]
+    order = np.argsort(-np.take_along_axis(logp, ids, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(ids, order, axis=-1)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """[..., vocab] -> log-probabilities, numerically stable."""
     shifted = logits - logits.max(axis=-1, keepdims=True)

@@ -20,7 +20,7 @@ import numpy as np
 from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.runtime.cache import Append
 from gpt2onnx.runtime.params import MAX_LOGPROBS
-from gpt2onnx.runtime.sampling import log_softmax
+from gpt2onnx.runtime.sampling import log_softmax, top_ids
 
 if TYPE_CHECKING:
     from gpt2onnx.runtime.model import Model
@@ -89,9 +89,7 @@ def score_ids(model: Model, ids: Sequence[int], top_logprobs: int = 0,
         raise InvalidParameterError("top_logprobs", f"top_logprobs must be an integer in "
                                     f"[0, {MAX_LOGPROBS}], got {top_logprobs!r}.")
     if not model.manifest.any_logits:
-        raise InvalidParameterError(
-            "model", "this model folder (format 1) returns logits for the last position "
-            "only, so it cannot score text; re-export it with this version of gpt2onnx.")
+        raise InvalidParameterError("model", model.manifest.last_position_only("scoring"))
     ids = [int(t) for t in ids]
     vocab = model.manifest.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]
@@ -112,10 +110,7 @@ def score_ids(model: Model, ids: Sequence[int], top_logprobs: int = 0,
             targets = np.asarray(ids[first:end], np.int64)
             result.logprobs.extend(logp[np.arange(len(targets)), targets].tolist())
             if top_logprobs:
-                top = np.argpartition(logp, -top_logprobs, axis=-1)[:, -top_logprobs:]
-                order = np.argsort(-np.take_along_axis(logp, top, axis=-1), axis=-1,
-                                   kind="stable")
-                top = np.take_along_axis(top, order, axis=-1)
+                top = top_ids(logp, top_logprobs)
                 vals = np.take_along_axis(logp, top, axis=-1)
                 result.top_logprobs.extend(
                     tuple(zip(t.tolist(), v.tolist(), strict=True)) for t, v in zip(top, vals,

@@ -91,10 +91,9 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
 
     if params.prompt_logprobs is not None and not model.manifest.any_logits:
         raise BadRequestError(
-            "this model folder (format 1) returns logits for the last position only, so "
-            "prompt log-probs (echo with logprobs, prompt_logprobs) are unavailable; "
-            "re-export it with this version of gpt2onnx.", "echo" if echo else
-            "prompt_logprobs", "unsupported")
+            model.manifest.last_position_only("prompt log-probs (echo with logprobs, "
+                                              "prompt_logprobs)"),
+            "echo" if echo else "prompt_logprobs", "unsupported")
     prompts = _prompts(data)
     if len(prompts) * n > max_choices:
         raise BadRequestError(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} "
