@@ -50,6 +50,9 @@ _TOP_P_WIDE = 4096
 # Rows whose first candidates hold this share of top_p's mass try _TOP_P_WIDE before a full
 # sort. On random logits the share is ~0.1 for a 33k-token nucleus, ~0.98 for a 450-token one.
 _WIDE_IF_HELD = 0.75
+# Draws per nucleus row before its exact edge is computed (see _draw); each is kept with
+# probability >= top_p, so at top_p 0.95 one row in 160,000 gets past four.
+_TOP_P_TRIES = 4
 # Rows keeping at most this many tokens are drawn from those alone; more, from dense weights.
 _SPARSE_MAX = 4096
 # Tokens per block of the inverse CDF: ~200 blocks for GPT-2's vocabulary, then one block.
@@ -116,6 +119,12 @@ class RowSampler:
     def blocks_eos(self) -> bool:
         """True while min_tokens forbids EOS (the model has one, too few tokens so far)."""
         return self.eos_token_id is not None and self.generated < self.params.min_tokens
+
+    @property
+    def processes(self) -> bool:
+        """True when a processor runs before the temperature: a penalty, or min_tokens
+        blocking EOS."""
+        return self._repetition or self._frequency_presence or self.blocks_eos
 
     @property
     def plain_greedy(self) -> bool:
@@ -195,16 +204,20 @@ def pick_tokens(logits: np.ndarray, samplers: Sequence[RowSampler],
     busy = np.flatnonzero(~plain)
     if busy.size == 0:
         return picked
-    scores = _penalised(logits, samplers, busy)  # [busy, vocab] float32, a scratch copy
     sampled = np.fromiter((samplers[i].sampled for i in busy), dtype=bool, count=busy.size)
+    if sampled.all() and logits.dtype == np.float32 and all(
+            _plain(samplers[i], logits.shape[1]) for i in busy):
+        rows_logits = logits if busy.size == rows else logits[busy]
+        picked[busy] = _draw_plain(rows_logits, [samplers[i] for i in busy])
+        return picked
+    scores = _penalised(logits, samplers, busy)  # [busy, vocab] float32, a scratch copy
     if not sampled.all():
         # Greedy with processors: argmax of the processed scores, as transformers' greedy.
         picked[busy[~sampled]] = scores[~sampled].argmax(axis=1)
     if sampled.any():
         drawn = busy[sampled]
         s = scores if sampled.all() else scores[sampled]  # [drawn, vocab]
-        u = np.fromiter((samplers[i].draw() for i in drawn), dtype=np.float64, count=drawn.size)
-        picked[drawn] = _draw(s, [samplers[i].params for i in drawn], u)
+        picked[drawn] = _draw(s, [samplers[i] for i in drawn])
     return picked
 
 
@@ -329,25 +342,26 @@ class _Truncation:
         self.min_p = min_p  # [n] float32; 0: off
 
 
-def _truncate(scores: np.ndarray, params: Sequence[GenerationParams]) -> _Truncation:
+def _truncate(scores: np.ndarray, params: Sequence[GenerationParams],
+              skip_top_p: np.ndarray | None = None) -> _Truncation:
     """Temperature, then the kept set of top-k, top-p and min-p, for sampled rows.
 
     Args:
         scores: [n, vocab] float32 penalised logits of sampled rows; divided in place.
         params: the n rows' parameters.
+        skip_top_p: optional [n] bool: rows whose top-p the caller applies itself.
     """
     n = scores.shape[0]
     temperature = np.fromiter((p.temperature for p in params), dtype=np.float32, count=n)
     top_k = np.fromiter((p.top_k for p in params), dtype=np.int64, count=n)
     top_p = np.fromiter((p.top_p for p in params), dtype=np.float64, count=n)
+    if skip_top_p is not None:
+        top_p[skip_top_p] = 1.0
     min_p = np.fromiter((p.min_p for p in params), dtype=np.float32, count=n)
 
     scores /= temperature[:, None]  # [n, vocab] scaled logits
     top = scores.max(axis=1)  # [n]
-    bad = np.flatnonzero(~np.isfinite(top))  # NaN anywhere, +inf, or nothing above -inf
-    if bad.size:
-        raise ValueError(f"sampled row {int(bad[0])} of {n}: no token has a positive "
-                         "probability (NaN or infinite logits?)")
+    _check_finite(top)
     lower = _truncation_thresholds(scores, top, top_k, top_p)  # [n]
     use_min_p = min_p > 0
     if use_min_p.any():
@@ -359,7 +373,20 @@ def _truncate(scores: np.ndarray, params: Sequence[GenerationParams]) -> _Trunca
     return _Truncation(scores, top, lower, min_p)
 
 
-def _draw(scores: np.ndarray, params: Sequence[GenerationParams], u: np.ndarray) -> np.ndarray:
+def _plain(sampler: RowSampler, vocab: int) -> bool:
+    """Temperature and at most top-p: no processor, top-k or min-p (``_draw_plain``)."""
+    p = sampler.params
+    return not sampler.processes and not 0 < p.top_k < vocab and p.min_p == 0.0
+
+
+def _check_finite(top: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(top))  # NaN anywhere, +inf, or nothing above -inf
+    if bad.size:
+        raise ValueError(f"sampled row {int(bad[0])} of {top.size}: no token has a positive "
+                         "probability (NaN or infinite logits?)")
+
+
+def _draw(scores: np.ndarray, samplers: Sequence[RowSampler]) -> np.ndarray:
     """One token per sampled row, by inverse CDF in token-id order.
 
     Rows whose kept set is small (top-k, a peaked top-p or min-p: the usual case) are drawn
@@ -367,16 +394,29 @@ def _draw(scores: np.ndarray, params: Sequence[GenerationParams], u: np.ndarray)
     [rows, vocab] weights. Which way a row goes depends on that row alone, so a row gets the
     same token in any batch.
 
+    Rows whose only truncation is top-p ("nucleus rows", the OpenAI-style temperature +
+    top_p) never look for the nucleus' edge, which costs a sort on a flat row: a token is
+    drawn from the temperature distribution and kept if it lies in the nucleus, else drawn
+    again (rejection sampling, so the result follows the nucleus distribution exactly; a
+    draw is kept with probability >= top_p). Testing one token is one pass: it is in the
+    nucleus iff the mass of the tokens not above it exceeds (1 - top_p) of the total (see
+    ``_in_nucleus``). Rows still rejected after ``_TOP_P_TRIES`` draws fall back to the
+    exact edge, which keeps the result exact.
+
     Args:
         scores: [n, vocab] float32 penalised logits of sampled rows; overwritten.
-        params: the n rows' parameters.
-        u: [n] the rows' uniforms in [0, 1).
+        samplers: the n rows' samplers (their generators give the uniforms).
 
     Returns:
         [n] int64 token ids.
     """
-    cut = _truncate(scores, params)
-    picked = np.empty(scores.shape[0], dtype=np.int64)
+    params = [s.params for s in samplers]
+    n, vocab = scores.shape
+    u = np.fromiter((s.draw() for s in samplers), dtype=np.float64, count=n)
+    nucleus = np.fromiter((p.top_p < 1.0 and not 0 < p.top_k < vocab and p.min_p == 0.0
+                           for p in params), dtype=bool, count=n)
+    cut = _truncate(scores, params, skip_top_p=nucleus)
+    picked = np.empty(n, dtype=np.int64)
     dense = ~np.isfinite(cut.lower)  # [n] nothing truncated: every token can come
     trunc = np.flatnonzero(~dense)
     if trunc.size:
@@ -393,9 +433,100 @@ def _draw(scores: np.ndarray, params: Sequence[GenerationParams], u: np.ndarray)
                                                  cut.min_p[trunc[at]], u[trunc[at]])
             dense[trunc[~small]] = True
     rows = np.flatnonzero(dense)
-    if rows.size:
-        picked[rows] = _inverse_cdf(_dense_weights(cut, rows), u[rows])
+    if rows.size == 0:
+        return picked
+    weights = _dense_weights(cut, rows)
+    picked[rows] = _nucleus_draws(weights, u[rows], [samplers[i] for i in rows],
+                                  nucleus[rows], cut.scores, rows)
     return picked
+
+
+def _draw_plain(logits: np.ndarray, samplers: Sequence[RowSampler]) -> np.ndarray:
+    """``_draw`` for rows with temperature and at most top-p (the OpenAI-style default):
+    the same numbers from one [n, vocab] buffer, so that less memory is streamed.
+
+    Args:
+        logits: [n, vocab] float32 logits (not written).
+        samplers: the n rows' samplers; none has a processor, top-k or min-p.
+    """
+    n, vocab = logits.shape
+    temperature = np.fromiter((s.params.temperature for s in samplers), np.float32, n)
+    weights = _SCRATCH.get("weights", (n, vocab), np.float32)
+    np.divide(logits, temperature[:, None], out=weights)  # the scaled logits, as _truncate
+    top = weights.max(axis=1)
+    _check_finite(top)
+    weights -= top[:, None]
+    np.exp(weights, out=weights)  # the same float32 numbers as _dense_weights
+    u = np.fromiter((s.draw() for s in samplers), dtype=np.float64, count=n)
+    nucleus = np.fromiter((s.params.top_p < 1.0 for s in samplers), bool, n)
+
+    def scaled(rows: np.ndarray) -> np.ndarray:
+        return logits[rows] / temperature[rows, None]
+
+    return _nucleus_draws(weights, u, samplers, nucleus, scaled, np.arange(n))
+
+
+def _nucleus_draws(weights: np.ndarray, u: np.ndarray, samplers: Sequence[RowSampler],
+                   nucleus: np.ndarray, scores, rows: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draws from dense weights; top-p for the ``nucleus`` rows by rejection.
+
+    Args:
+        weights: [r, vocab] exp(scaled - top) (0 where top-k/min-p removed a token).
+        u: [r] first uniforms; samplers: [r] for the redraws.
+        nucleus: [r] rows whose top-p is applied here.
+        scores: the scaled logits, for the rare exact fallback: an [n, vocab] array that
+            ``rows`` index, or a callable giving them for some of ``rows``.
+        rows: [r] the rows' indices into ``scores``.
+    """
+    picked, total = _inverse_cdf(weights, u)
+    local = np.flatnonzero(nucleus)  # nucleus rows, as indices into `weights`
+    if local.size == 0:
+        return picked
+    top_p = np.fromiter((samplers[i].params.top_p for i in local), np.float64, local.size)
+    for attempt in range(1, _TOP_P_TRIES + 1):
+        inside = _in_nucleus(weights, local, picked[local], top_p, total[local])
+        local, top_p = local[~inside], top_p[~inside]
+        if local.size == 0:
+            return picked
+        if attempt == _TOP_P_TRIES:
+            break
+        again = np.fromiter((samplers[i].draw() for i in local), np.float64, local.size)
+        picked[local], _ = _inverse_cdf(weights[local], again)
+    # Rarely reached (top_p well below 1, or bad luck): the exact edge, one more uniform.
+    flat = weights[local]  # a copy: the thresholds below reuse the "weights" buffer
+    sub = scores(rows[local]) if callable(scores) else scores[rows[local]]
+    lower = _truncation_thresholds(sub, sub.max(axis=1), np.zeros(local.size, np.int64), top_p)
+    flat *= sub >= lower[:, None]
+    again = np.fromiter((samplers[i].draw() for i in local), np.float64, local.size)
+    picked[local], _ = _inverse_cdf(flat, again)
+    return picked
+
+
+def _in_nucleus(weights: np.ndarray, local: np.ndarray, token: np.ndarray, top_p: np.ndarray,
+                total: np.ndarray) -> np.ndarray:
+    """Whether each drawn token is in its row's top-p nucleus.
+
+    transformers sorts ascending and drops the tokens whose cumulative probability is
+    <= 1 - top_p; a token of weight w is thereby kept iff the mass of all tokens of weight
+    <= w exceeds that budget (ties with the nucleus' last token are kept, as in
+    ``_cut_in_candidates``; weights order tokens as their scaled logits do, up to float32
+    rounding of exp).
+
+    Args:
+        weights: [r, vocab] exp(scaled - top).
+        local: [m] the rows to test; token: [m] their drawn ids; top_p: [m];
+        total: [m] float64 the rows' total weight.
+
+    Returns:
+        [m] bool.
+    """
+    w = _rows(weights, local)
+    at = w[np.arange(local.size), token]  # [m]
+    below = _SCRATCH.get("keep", w.shape, np.bool_)
+    np.less_equal(w, at[:, None], out=below)
+    # One fused multiply-add pass (einsum), where multiply + sum take two and a scratch row.
+    mass = np.einsum("ij,ij->i", w, below)  # [m] float32
+    return mass > total - top_p * total
 
 
 def _dense_weights(cut: _Truncation, rows: np.ndarray) -> np.ndarray:
@@ -542,7 +673,7 @@ def _cut_in_candidates(cand: np.ndarray, top: np.ndarray, kth: np.ndarray, targe
     budget = (mass - target) - (mass - inside)  # [r]
     found = budget >= 0
     # The first token kept, in ascending order: its cumulative weight exceeds the budget.
-    first, hit = _first_cumulative(w, np.maximum(budget, 0.0), strict=True)
+    first, hit, _ = _first_cumulative(w, np.maximum(budget, 0.0), strict=True)
     first = np.where(hit, first, cand.shape[1] - 1)
     cut = np.minimum(cand[np.arange(cand.shape[0]), first], top)  # keep the top token
     return cut, found, inside
@@ -570,7 +701,7 @@ def _largest(scores: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
     return np.sort(sub[:, vocab - size:], axis=1)
 
 
-def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the first token id whose cumulative weight exceeds u * total.
 
     Args:
@@ -578,17 +709,17 @@ def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
         u: [n] uniforms in [0, 1).
 
     Returns:
-        [n] int64 token ids, each with positive weight.
+        ([n] int64 token ids, each with positive weight; [n] float64 row totals).
     """
-    picked, found = _first_cumulative(weights, u, strict=True, of_total=True)
+    picked, found, total = _first_cumulative(weights, u, strict=True, of_total=True)
     # u * total rounded up to (or past) the summed blocks: the last kept token. Rare.
     for r in np.flatnonzero(~found):
         picked[r] = np.flatnonzero(weights[r] > 0)[-1]
-    return picked
+    return picked, total
 
 
 def _first_cumulative(w: np.ndarray, target: np.ndarray, strict: bool,
-                      of_total: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                      of_total: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the first index whose inclusive cumulative weight passes the target.
 
     Blocked so that no full-width cumsum is needed (a cumsum over 50k entries costs several
@@ -601,9 +732,9 @@ def _first_cumulative(w: np.ndarray, target: np.ndarray, strict: bool,
         of_total: ``target`` holds fractions of each row's total weight.
 
     Returns:
-        ([n] int64 indices, [n] bool found). Not found: the row's whole sum does not pass
-        its target, and the index is meaningless. A found index has positive weight unless
-        the target is 0 and not strict.
+        ([n] int64 indices, [n] bool found, [n] float64 row sums). Not found: the row's
+        whole sum does not pass its target, and the index is meaningless. A found index
+        has positive weight unless the target is 0 and not strict.
     """
     n, size = w.shape
     block = min(_CDF_BLOCK, size)
@@ -631,4 +762,4 @@ def _first_cumulative(w: np.ndarray, target: np.ndarray, strict: bool,
     for r in np.flatnonzero(found & (j >= block)):
         positive = np.flatnonzero(chunk[r] > 0)
         j[r] = positive[-1] if positive.size else 0
-    return b * block + j, found
+    return b * block + j, found, cum[:, -1]

@@ -8,6 +8,7 @@ repetition penalty, where gpt2onnx applies them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -132,6 +133,7 @@ COMBOS = [
     dict(temperature=0.8, repetition_penalty=1.3),
     dict(temperature=0.8, repetition_penalty=0.7),
     dict(temperature=1.0, min_tokens=8),
+    dict(temperature=0.9, top_p=0.9, repetition_penalty=1.2),  # top-p by rejection, penalised
     dict(temperature=0.9, top_k=50, top_p=0.8),
     dict(temperature=1.2, top_k=3000, top_p=0.9),
     dict(temperature=0.7, top_k=200, top_p=0.95, min_p=0.02, repetition_penalty=1.2),
@@ -157,19 +159,37 @@ def test_distribution_and_picks_match_transformers(combo, scale, vocab):
     np.testing.assert_array_equal(kept, np.flatnonzero(ref > 0))
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-7)
 
-    # Fixed uniforms: our pick is the inverse CDF of transformers' distribution (ids ascending).
+    # Fixed uniforms: our pick is the inverse CDF (ids ascending) of transformers'
+    # distribution; for a row truncated by top-p alone, of its distribution without top-p,
+    # redrawn while the token falls outside the nucleus (rejection sampling, see _draw).
+    nucleus = params.top_p < 1 and not 0 < params.top_k < vocab and params.min_p == 0
+    proposal = hf_probs(logits, dataclasses.replace(params, top_p=1.0), prompt,
+                        generated) if nucleus else ref
     draws = [0.0, 1.0 - 2.0 ** -40, *np.random.default_rng(1).random(60).tolist()]
-    sampler = sampler_for(params, prompt, generated, cls=FixedDraw, draws=draws)
-    cum = np.cumsum(ref)
-    exact = 0
-    for u in list(draws):
+    sampler = sampler_for(params, prompt, generated, cls=FixedDraw, draws=draws + [0.5] * 8)
+    cum = np.cumsum(proposal)
+    exact = picks = 0
+    while len(sampler.draws) > 8:
+        before = list(sampler.draws)
         token = int(pick_tokens(logits[None], [sampler])[0])
-        assert ref[token] > 0, f"picked {token}, which transformers removed (u={u})"
-        # Within rounding of the CDF step that u falls on.
-        lo, hi = cum[token] - ref[token], cum[token]
-        assert lo - 1e-6 <= u * cum[-1] <= hi + 1e-6, (token, u, lo, hi)
-        exact += token == cdf_pick(ref, u)
-    assert exact >= len(draws) - 2
+        used = before[:len(before) - len(sampler.draws)]
+        assert ref[token] > 0, f"picked {token}, which transformers removed (u={used})"
+        expected = _rejection_pick(ref, proposal, used)
+        if len(used) <= 4:  # the draw that was kept: within rounding of its CDF step
+            lo, hi = cum[token] - proposal[token], cum[token]
+            assert lo - 1e-6 <= used[-1] * cum[-1] <= hi + 1e-6, (token, used, lo, hi)
+        exact += token == expected
+        picks += 1
+    assert exact >= picks - 2
+
+
+def _rejection_pick(ref: np.ndarray, proposal: np.ndarray, used: list[float]) -> int:
+    """What the draws ``used`` give: proposals until one is kept, after four the exact CDF."""
+    for u in used[:4]:
+        token = cdf_pick(proposal, u)
+        if ref[token] > 0:
+            return token
+    return cdf_pick(ref, used[-1])
 
 
 def test_flat_and_wide_nuclei_are_exercised():
@@ -296,12 +316,17 @@ def test_batch_edges_of_the_cdf_stay_in_their_row(u):
               GenerationParams(temperature=1.0, min_p=0.2),
               GenerationParams(temperature=1.0, top_k=40, top_p=0.9, min_p=0.05),
               GenerationParams(temperature=1.0, top_k=3)]
-    together = pick_tokens(logits, [FixedDraw(p, [], EOS, draws=[u]) for p in params])
+    # Five equal uniforms: a top-p-only row (index 2) may reject and redraw, see _draw.
+    together = pick_tokens(logits, [FixedDraw(p, [], EOS, draws=[u] * 5) for p in params])
     for i, p in enumerate(params):
-        alone = pick_tokens(logits[i:i + 1], [FixedDraw(p, [], EOS, draws=[u])])
+        alone = pick_tokens(logits[i:i + 1], [FixedDraw(p, [], EOS, draws=[u] * 5)])
         assert together[i] == alone[0], f"row {i}: {p}"
         probs = np.exp(processed_logprobs(logits[i:i + 1], [RowSampler(p, [], EOS)])[0])
-        assert together[i] == cdf_pick(probs, u)
+        proposal = probs
+        if i == 2:
+            proposal = np.exp(processed_logprobs(logits[i:i + 1], [RowSampler(
+                dataclasses.replace(p, top_p=1.0), [], EOS)])[0])
+        assert together[i] == _rejection_pick(probs, proposal, [u] * 5)
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens():
@@ -323,6 +348,21 @@ def test_draws_follow_the_distribution():
     freq = np.bincount(picks, minlength=5) / len(picks)
     # top_p 0.95 drops 0.1 (mass above it 0.9 < 0.95 keeps it; 1e-9 goes).
     np.testing.assert_allclose(freq, [0.1, 0.2, 0.3, 0.4, 0.0], atol=0.015)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9])
+def test_rejected_nucleus_draws_keep_the_distribution(top_p):
+    """Top-p alone is drawn by rejection (and, after four rejections, from the exact
+    nucleus); either way the frequencies are transformers' distribution. At top_p 0.3
+    about a third of the picks reach the exact fallback."""
+    logits = (np.random.default_rng(3).standard_normal((1, 40)) * 1.5).astype(np.float32)
+    params = GenerationParams(temperature=1.0, top_p=top_p, seed=0)
+    ref = hf_probs(logits[0], params, [], [])
+    sampler = RowSampler(params, [], None)
+    picks = [int(pick_tokens(logits, [sampler])[0]) for _ in range(15000)]
+    freq = np.bincount(picks, minlength=40) / len(picks)
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(ref > 0))
+    np.testing.assert_allclose(freq, ref, atol=0.015)
 
 
 def test_u_next_to_one_picks_the_last_kept_token():
