@@ -23,7 +23,7 @@ GEN_ARGS  ?= --repetition-penalty 1.3
 PORT      ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run export generate test test-fast test-slow lint bench bench-core bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
+.PHONY: setup run export generate test test-fast test-slow lint bench bench-core bench-speculative bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ bench-setup: setup $(OPT_STAMP)
 bench: bench-setup
 	$(BIN)/python -m gpt2onnx.bench
 	$(BIN)/python -m gpt2onnx.bench.core
+	$(BIN)/python -m gpt2onnx.bench.speculative
+
+# Only speculative decoding: prompt lookup and draft models against plain decoding.
+bench-speculative: setup
+	$(BIN)/python -m gpt2onnx.bench.speculative
 
 # Only the one-step core's numbers; BASELINE=<git ref> adds a paired run of that code.
 BASELINE ?=

@@ -9,8 +9,9 @@ import argparse
 import json
 import sys
 
-from gpt2onnx.errors import Gpt2OnnxError
-from gpt2onnx.runtime.model import Model
+from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError
+from gpt2onnx.runtime.drafting import NGRAM
+from gpt2onnx.runtime.model import Model, gen_result
 from gpt2onnx.runtime.params import GenerationParams
 
 
@@ -50,9 +51,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shorten the prompt / max-new-tokens to fit the context instead of "
                         "refusing")
     add_session_args(p)
+    p.add_argument("--speculative", default=None, metavar="ngram|draft:FOLDER",
+                   help="speculative decoding: prompt lookup (ngram) or a draft model folder "
+                        "with this model's tokenizer; greedy output is unchanged")
+    p.add_argument("--draft", default=None, metavar="FOLDER",
+                   help="the same as --speculative draft:FOLDER")
+    p.add_argument("--num-draft-tokens", type=int, default=8,
+                   help="draft tokens checked per step at most, in [1, 16] (default 8)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
+
+
+def speculative_arg(speculative: str | None, draft: str | None) -> str | None:
+    """--speculative ngram|draft:FOLDER and --draft FOLDER -> what ``Model.generator``
+    takes as ``draft`` ("ngram" or a folder path), or None."""
+    if speculative is not None and draft is not None:
+        raise InvalidParameterError("draft", "give --speculative or --draft, not both "
+                                    "(--draft FOLDER is --speculative draft:FOLDER).")
+    if draft is not None:
+        return draft
+    if speculative is None or speculative == NGRAM:
+        return speculative
+    if speculative.startswith("draft:") and len(speculative) > len("draft:"):
+        return speculative[len("draft:"):]
+    raise InvalidParameterError("speculative", f"--speculative must be 'ngram' or "
+                                f"'draft:FOLDER', got {speculative!r}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,21 +90,30 @@ def main(argv: list[str] | None = None) -> int:
             min_tokens=args.min_tokens,
             seed=args.seed, stop=tuple(args.stop),
             on_overflow="truncate" if args.truncate else "error")
+        draft = speculative_arg(args.speculative, args.draft)
         model = Model(args.model_dir, provider=args.provider, threads=args.threads,
                       spinning=args.spinning)
+        gen = model.generator([args.prompt], params, draft=draft,
+                              num_draft_tokens=args.num_draft_tokens)
         if args.stream and not args.json:
             sys.stdout.write(args.prompt)
-            for piece in model.stream(args.prompt, params):
-                sys.stdout.write(piece)
+        while not gen.is_done():
+            gen.generate_next_token()
+            if args.stream and not args.json:
+                sys.stdout.write(gen.stream_text(0))
                 sys.stdout.flush()
-            sys.stdout.write("\n")
+        if args.stream and not args.json:
+            sys.stdout.write(gen.stream_text(0) + "\n")
             return 0
-        result = model.generate(args.prompt, params)
+        result = gen_result(gen)
     except Gpt2OnnxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        out = result.to_dict()
+        if gen.drafter is not None:
+            out["speculation"] = gen.speculation.to_dict()
+        print(json.dumps(out, ensure_ascii=False))
     else:
         print(args.prompt + result.text)
     return 0

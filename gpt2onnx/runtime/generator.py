@@ -8,6 +8,8 @@ and the benchmark all drive this class; there is no second loop.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
 import time
 import weakref
@@ -21,11 +23,27 @@ from tokenizers.decoders import DecodeStream
 
 from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError, PromptTooLongError
 from gpt2onnx.runtime.cache import Append, StepResult
+from gpt2onnx.runtime.drafting import Draft, DraftRequest, resolve_drafter
 from gpt2onnx.runtime.params import GenerationParams
-from gpt2onnx.runtime.sampling import RowSampler, log_softmax, pick_tokens, top_ids
+from gpt2onnx.runtime.sampling import (
+    RowSampler,
+    log_softmax,
+    pick_tokens,
+    processed_logprobs,
+    top_ids,
+)
+from gpt2onnx.runtime.speculative import (
+    DraftLength,
+    SpeculationStats,
+    accept_greedy,
+    accept_sampled,
+    check_draft_tokens,
+)
 
 if TYPE_CHECKING:
     from gpt2onnx.runtime.model import Model
+
+log = logging.getLogger("gpt2onnx.runtime")
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -76,10 +94,13 @@ class Timings:
     prefill_ms: float = 0.0
     decode_ms_total: float = 0.0
     decode_steps: int = 0
+    # Tokens the furthest-advancing row gained over those steps: one per step without
+    # speculation, up to k + 1 with it.
+    decode_tokens: int = 0
 
     @property
     def decode_ms_per_token(self) -> float:
-        return self.decode_ms_total / self.decode_steps if self.decode_steps else 0.0
+        return self.decode_ms_total / self.decode_tokens if self.decode_tokens else 0.0
 
 
 def plan_row(prompt_ids: Sequence[int], params: GenerationParams, capacity: int, vocab: int
@@ -136,7 +157,8 @@ class Generator:
 
     def __init__(self, model: Model, prompts: Sequence[Sequence[int]],
                  params: GenerationParams | Sequence[GenerationParams],
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, draft: object = None,
+                 num_draft_tokens: int = 8, speculative_max_batch: int = 2) -> None:
         per_row = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
         if len(per_row) != len(prompts):
             raise InvalidParameterError("params", f"{len(per_row)} params for {len(prompts)} "
@@ -163,6 +185,30 @@ class Generator:
         self._active = np.zeros(size, bool)  # [batch] slots that decode next step
         self._driver = threading.Lock()
         self._stack_buf: np.ndarray | None = None  # [batch, vocab] sampled rows' logits
+        # Speculative decoding: the drafter (and a draft model's cache) belongs to this
+        # generator, as the target cache does.
+        self.num_draft_tokens = check_draft_tokens(num_draft_tokens)
+        if (isinstance(speculative_max_batch, bool) or not isinstance(speculative_max_batch, int)
+                or speculative_max_batch < 0):
+            raise InvalidParameterError(
+                "speculative_max_batch", "speculative_max_batch must be an integer >= 0 (0: "
+                f"never speculate), got {speculative_max_batch!r}.")
+        self.speculative_max_batch = speculative_max_batch
+        if draft is not None and not self.cache.supports_slots:
+            raise InvalidParameterError(
+                "draft", "speculative decoding needs a fused model folder (rows are rewound "
+                "one by one); re-export with --layout fused.")
+        if draft is not None and not model.manifest.any_logits:
+            raise InvalidParameterError("draft", model.manifest.last_position_only(
+                "speculative decoding (logits at every drafted position)"))
+        self.drafter = resolve_drafter(draft, model, size)
+        if self.drafter is not None:
+            self._finalizer.detach()
+            drafter = self.drafter
+            self._finalizer = weakref.finalize(self, _close_both, model, self.cache, drafter)
+        self.speculation = SpeculationStats()
+        self._draft_len: list[DraftLength | None] = [None] * size
+        self._gained: dict[int, int] = {}  # tokens each verified row gained this step
 
     def close(self) -> None:
         """Hand the cache back to the model now (also happens when the generator is
@@ -257,6 +303,7 @@ class Generator:
             try:
                 for slot in slots:
                     self.cache.release(slot)
+                    self._forget_draft(slot)
                     self.rows[slot] = None
                     self._active[slot] = False
                 result = self.cache.step([Append(slots[k], rows[k].prompt_ids, _keep(rows[k]))
@@ -289,6 +336,12 @@ class Generator:
             self.rows[slot] = None
             if self.cache.supports_slots:
                 self.cache.release(slot)
+            self._forget_draft(slot)
+
+    def _forget_draft(self, slot: int) -> None:
+        if self.drafter is not None:
+            self.drafter.release(slot)
+            self._draft_len[slot] = None
 
     def generate_next_token(self) -> np.ndarray:
         """Run one model step (the prefill of the initial prompts on the first call); return
@@ -300,6 +353,12 @@ class Generator:
                 raise RuntimeError("generation is done; add a row or start a new Generator")
             t0 = time.perf_counter()
             slots = np.flatnonzero(self._active)
+            if self.drafter is not None and slots.size <= self.speculative_max_batch:
+                requests = self._draft_requests(slots)
+                if requests:
+                    picked = self._speculative_step(slots, requests)
+                    self.timings.decode_ms_total += (time.perf_counter() - t0) * 1e3
+                    return picked
             result = self.cache.step([Append(int(s), self._last[s:s + 1]) for s in slots])
             picked = np.full(len(self.rows), -1, np.int64)
             entries = []
@@ -310,7 +369,149 @@ class Generator:
             self._pick(entries, result, picked)
             self.timings.decode_ms_total += (time.perf_counter() - t0) * 1e3
             self.timings.decode_steps += 1
+            self.timings.decode_tokens += 1
             return picked
+
+    # -- speculative decoding ---------------------------------------------------------------
+
+    def _draft_requests(self, slots: np.ndarray) -> list[DraftRequest]:
+        """Rows that draft this step, with how many tokens each may check: no more than
+        it may still generate less one (the target's own token comes on top) and the
+        cache can hold."""
+        requests = []
+        for s in slots.tolist():
+            row = self.rows[s]
+            assert row is not None
+            wanted = row.params.num_draft_tokens
+            if wanted == 0:
+                continue
+            length = self._draft_len[s]
+            if length is None:
+                length = self._draft_len[s] = DraftLength(wanted or self.num_draft_tokens)
+            k = length.wanted()
+            context = len(row.prompt_ids) + len(row.token_ids)  # the target holds all but one
+            k = min(k, row.max_new_tokens - len(row.token_ids) - 1, self.capacity - context)
+            if k <= 0:
+                continue
+            ids = np.fromiter(itertools.chain(row.prompt_ids, row.token_ids), np.int64, context)
+            requests.append(DraftRequest(s, ids, k, row.sampler if row.sampler.sampled else None))
+        return requests
+
+    def _speculative_step(self, slots: np.ndarray, requests: list[DraftRequest]) -> np.ndarray:
+        """One target step in which the drafting rows append their next input plus their
+        draft (logits at every one of those positions) and the others one token."""
+        assert self.drafter is not None
+        drafts: dict[int, Draft] = {}
+        try:
+            proposed = self.drafter.propose(requests)
+        except Exception:  # drafts are guesses: without them the step is a plain one
+            log.warning("the drafter failed; this step decodes without drafts",
+                        exc_info=True)
+            proposed = []
+        for r, d in zip(requests, proposed, strict=False):
+            if d.tokens.size:
+                drafts[r.slot] = d
+        appends = []
+        for s in slots.tolist():
+            d = drafts.get(s)
+            if d is None:
+                appends.append(Append(s, self._last[s:s + 1]))
+            else:
+                tokens = np.concatenate((self._last[s:s + 1], d.tokens))
+                appends.append(Append(s, tokens, keep=tokens.size))
+        before = {s: int(self.cache.lengths[s]) for s in drafts}
+        result = self.cache.step(appends)
+        picked = np.full(len(self.rows), -1, np.int64)
+        plain: list[tuple[int, Row, int]] = []
+        pending = set(drafts)  # rows whose cache still holds every drafted token
+        self._gained.clear()
+        try:
+            self._verify_all(slots, drafts, result, before, picked, plain, pending)
+        except BaseException:
+            for s in pending:  # forget the unverified tokens: that part of the step is lost
+                self.cache.rewind(s, before[s])
+                if self.drafter is not None:
+                    self.drafter.accepted(s, before[s])
+            raise
+        if plain:
+            self._pick(plain, result, picked)
+        self.timings.decode_steps += 1
+        self.timings.decode_tokens += max(1, *self._gained.values()) if self._gained else 1
+        return picked
+
+    def _verify_all(self, slots: np.ndarray, drafts: dict[int, Draft], result: StepResult,
+                    before: dict[int, int], picked: np.ndarray,
+                    plain: list[tuple[int, Row, int]], pending: set[int]) -> None:
+        """Verify each drafting row of the step; collect the others into ``plain``."""
+        assert self.drafter is not None
+        for k, s in enumerate(slots.tolist()):
+            row = self.rows[s]
+            assert row is not None
+            d = drafts.get(s)
+            if d is None:
+                plain.append((s, row, k))
+                continue
+            start = len(row.token_ids)
+            pending.discard(s)  # from here on its tokens are taken, then rewound below
+            accepted = self._verify(s, row, d, result, k)
+            picked[s] = row.token_ids[-1]
+            stats = self.speculation
+            stats.rounds += 1
+            stats.proposed += d.tokens.size
+            stats.accepted += accepted
+            stats.emitted += len(row.token_ids) - start
+            self._gained[s] = len(row.token_ids) - start
+            length = self._draft_len[s]
+            if length is not None:
+                length.update(d.tokens.size, accepted)
+            if row.done:
+                self._forget_draft(s)
+                continue
+            settled = before[s] + 1 + accepted  # the next input and the accepted drafts
+            self.cache.rewind(s, settled)
+            self.drafter.accepted(s, settled)
+
+    def _verify(self, slot: int, row: Row, draft: Draft, result: StepResult, k: int) -> int:
+        """Take the tokens the target agrees with, then its own; returns the drafts kept."""
+        logits = result.logits(k) if not row.sampler.plain_greedy or row.params.logprobs \
+            is not None else None  # [n + 1, vocab]
+        taken = 0
+
+        def take(token: int) -> bool:
+            nonlocal taken
+            if row.params.logprobs is not None:
+                assert logits is not None
+                row.logprobs.append(_logprob_of(logits[taken], token, row.params.logprobs))
+            taken += 1
+            self._take(slot, row, token)
+            return not row.done
+
+        tokens = draft.tokens.tolist()
+        if row.sampler.plain_greedy:
+            target = result.argmax(k).tolist()  # [n + 1] the device argmax per position
+            accepted = accept_greedy(tokens, target)
+            for token in [*tokens[:accepted], target[accepted]]:
+                if not take(int(token)):
+                    break
+            return min(accepted, taken)  # a row that ended inside the draft kept fewer
+        if logits is None:
+            logits = result.logits(k)
+        if not row.sampler.sampled:  # greedy with processors: argmax of the processed scores
+            accepted = 0
+            for j in range(len(tokens) + 1):
+                token = int(pick_tokens(logits[j:j + 1], [row.sampler])[0])
+                if j == len(tokens) or token != tokens[j]:
+                    take(token)
+                    break
+                accepted += 1
+                if not take(token):
+                    break
+            return accepted
+
+        def p_at(j: int) -> np.ndarray:
+            return np.exp(processed_logprobs(logits[j:j + 1], [row.sampler])[0])
+
+        return accept_sampled(draft.tokens, draft.probs, p_at, row.sampler.draw, take)
 
     def _prefill_waiting(self) -> np.ndarray:
         t0 = time.perf_counter()
@@ -394,6 +595,7 @@ class Generator:
         if row.done and self.cache.supports_slots:
             # Its ids and text live in the row; an empty slot rides later steps for free.
             self.cache.release(slot)
+            self._forget_draft(slot)
 
     def _advance(self, row: Row, token: int) -> None:
         row.token_ids.append(token)
@@ -429,6 +631,13 @@ class Generator:
         piece = row.text[row.emitted:end]
         row.emitted = max(row.emitted, end)
         return piece
+
+
+def _close_both(model: Model, cache, drafter) -> None:
+    """The generator is gone: its target cache back to the model's pool, and its
+    drafter's (a draft model's cache back to the draft model's pool)."""
+    model._return_cache(cache)
+    drafter.close()
 
 
 def _keep(row: Row) -> int:

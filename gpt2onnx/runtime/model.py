@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from tokenizers import Tokenizer
 from gpt2onnx.contract import LAYOUT_FUSED, Manifest
 from gpt2onnx.errors import InvalidParameterError, ModelFolderError
 from gpt2onnx.runtime.cache import FusedCache, StandardCache
-from gpt2onnx.runtime.folder import make_session, open_manifest, session_device
+from gpt2onnx.runtime.folder import make_session, open_manifest, session_device, spin_from_env
 from gpt2onnx.runtime.generator import Generator
 from gpt2onnx.runtime.params import GenerationParams
 from gpt2onnx.runtime.scoring import ScoreResult, score_ids
@@ -77,6 +79,8 @@ class Model:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as exc:  # tokenizers raises plain Exception on bad JSON
             raise ModelFolderError(f"cannot read {tok_path}: {exc}. Re-export the folder.") from exc
+        self.spinning = spin_from_env() if spinning is None else spinning
+        self._vocab_digest: str | None = None
         self.session: ort.InferenceSession = make_session(
             self.folder, self.manifest, provider, threads=threads, cuda_graph=cuda_graph,
             spinning=spinning, target_check=target_check)
@@ -85,6 +89,8 @@ class Model:
         # graph capture are not free); at most IDLE_CACHES, the most recently returned.
         self._idle: list[FusedCache] = []
         self._idle_lock = threading.Lock()
+        # Draft models loaded from a folder path (``draft="DIR"``), once per folder.
+        self._drafts: dict[str, Model] = {}
 
     @classmethod
     def load(cls, folder: str | Path, **kwargs) -> Model:
@@ -135,6 +141,14 @@ class Model:
             self._idle.append(cache)
             del self._idle[:-IDLE_CACHES]
 
+    @property
+    def vocab_digest(self) -> str:
+        """sha256 of the tokenizer's token -> id map (a draft must share it)."""
+        if self._vocab_digest is None:
+            vocab = sorted(self.tokenizer.get_vocab().items())
+            self._vocab_digest = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+        return self._vocab_digest
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -154,29 +168,45 @@ class Model:
 
     def generator(self, prompts: Sequence[Prompt],
                   params: GenerationParams | Sequence[GenerationParams] | None = None,
-                  batch_size: int | None = None) -> Generator:
+                  batch_size: int | None = None, draft: object = None,
+                  num_draft_tokens: int = 8, speculative_max_batch: int = 2) -> Generator:
         """A step-level generator over prompts (text or token ids); ``batch_size`` leaves
-        free slots for rows added later with ``Generator.add`` (fused layout)."""
+        free slots for rows added later with ``Generator.add`` (fused layout).
+
+        Speculative decoding: ``draft`` is ``"ngram"`` (prompt lookup), a draft ``Model`` or
+        a draft model folder (same tokenizer; a smaller GPT-2 or an int8/int4 export of
+        this checkpoint). Each step then checks up to ``num_draft_tokens`` drafted tokens
+        per row (adapted to how many get accepted) while at most
+        ``speculative_max_batch`` rows are running; greedy output is unchanged and sampled
+        output keeps its distribution.
+        """
         if not prompts and batch_size is None:
             raise InvalidParameterError("prompt", "no prompts given; pass at least one.")
         return Generator(self, [self._prompt_ids(p) for p in prompts],
-                         params if params is not None else GenerationParams(), batch_size)
+                         params if params is not None else GenerationParams(), batch_size,
+                         draft=draft, num_draft_tokens=num_draft_tokens,
+                         speculative_max_batch=speculative_max_batch)
 
     def generate_batch(self, prompts: Sequence[Prompt],
-                       params: GenerationParams | Sequence[GenerationParams] | None = None
-                       ) -> list[GenerationResult]:
+                       params: GenerationParams | Sequence[GenerationParams] | None = None,
+                       draft: object = None, **speculative: int) -> list[GenerationResult]:
         """Generate for several prompts in one batch; each row gets the tokens it would get
-        alone."""
-        gen = self.generator(prompts, params)
-        while not gen.is_done():
-            gen.generate_next_token()
-        return [_result(row, gen) for row in gen.rows]
+        alone. ``draft`` and ``num_draft_tokens`` / ``speculative_max_batch``: see
+        ``generator``."""
+        gen = self.generator(prompts, params, draft=draft, **speculative)
+        try:
+            while not gen.is_done():
+                gen.generate_next_token()
+            return [_result(row, gen) for row in gen.rows]
+        finally:
+            gen.close()
 
     def generate(self, prompt: Prompt, params: GenerationParams | None = None,
-                 **kwargs) -> GenerationResult:
-        """Generate for one prompt. Keyword arguments build a ``GenerationParams``."""
+                 draft: object = None, **kwargs) -> GenerationResult:
+        """Generate for one prompt. Keyword arguments build a ``GenerationParams``;
+        ``draft`` speculates (see ``generator``)."""
         params = _params(params, kwargs)
-        return self.generate_batch([prompt], params)[0]
+        return self.generate_batch([prompt], params, draft=draft)[0]
 
     def score(self, text: Prompt, top_logprobs: int = 0, window: int | None = None,
               stride: int | None = None) -> ScoreResult:
@@ -189,9 +219,9 @@ class Model:
                          window=window, stride=stride)
 
     def stream(self, prompt: Prompt, params: GenerationParams | None = None,
-               **kwargs) -> Iterator[str]:
+               draft: object = None, **kwargs) -> Iterator[str]:
         """Yield the new text piece by piece as it is generated (valid UTF-8 each time)."""
-        gen = self.generator([prompt], _params(params, kwargs))
+        gen = self.generator([prompt], _params(params, kwargs), draft=draft)
         while not gen.is_done():
             gen.generate_next_token()
             piece = gen.stream_text(0)
@@ -213,3 +243,8 @@ def _result(row, gen: Generator) -> GenerationResult:
         text=row.text, token_ids=list(row.token_ids), prompt_token_ids=list(row.prompt_ids),
         finish_reason=row.finish_reason or "length", prefill_ms=gen.timings.prefill_ms,
         decode_ms_per_token=gen.timings.decode_ms_per_token)
+
+
+def gen_result(gen: Generator, slot: int = 0) -> GenerationResult:
+    """The ``GenerationResult`` of one finished row of a generator."""
+    return _result(gen.rows[slot], gen)

@@ -9,6 +9,7 @@ from gpt2onnx.errors import InvalidParameterError
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # top alternatives reported per token (vLLM's default cap)
+MAX_DRAFT_TOKENS = 16  # draft tokens verified per step at most
 OVERFLOW_MODES = ("error", "truncate")
 # logits / temperature must stay finite in float32 (max ~3.4e38): with |logit| up to ~1e3 a
 # temperature of 1e-4 gives 1e7, far from overflow, while 1e-36 gives inf (and inf - inf = nan
@@ -53,6 +54,9 @@ class GenerationParams:
             log-probability and the N most likely alternatives (``Row.logprobs``).
         prompt_logprobs: None records nothing; N in [0, 20] records, per prompt token,
             its log-probability and the N most likely alternatives.
+        num_draft_tokens: with a generator that speculates (``draft=``), the most draft
+            tokens this row checks per step, in [0, 16] (0: this row does not speculate);
+            None takes the generator's. No effect without a drafter.
     """
 
     max_new_tokens: int = 32
@@ -70,6 +74,7 @@ class GenerationParams:
     presence_penalty: float = 0.0
     min_tokens: int = 0
     prompt_logprobs: int | None = None
+    num_draft_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -141,6 +146,9 @@ class GenerationParams:
         if self.prompt_logprobs is not None:
             _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS,
                  "ask for fewer alternatives, or None for no prompt log-probs")
+        if self.num_draft_tokens is not None:
+            _int("num_draft_tokens", self.num_draft_tokens, 0, MAX_DRAFT_TOKENS,
+                 "use 0 to decode this row without speculation, or None for the default")
         if self.on_overflow not in OVERFLOW_MODES:
             raise InvalidParameterError(
                 "on_overflow", f"on_overflow must be one of {OVERFLOW_MODES}, got "

@@ -49,6 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--speculative", default=None, metavar="ngram|draft:FOLDER",
+                   help="speculative decoding: prompt lookup, or a draft model folder with "
+                        "this model's tokenizer (a smaller GPT-2, or an int8/int4 export of "
+                        "the same checkpoint); greedy output is unchanged")
+    p.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens,
+                   help="draft tokens checked per row and step at most (adapts downwards)")
+    p.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
+                   help="speculate only while at most this many rows run (on the CPU each "
+                        "speculating row verifies in a run of its own)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     return p.parse_args(argv)
@@ -66,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         open_manifest(args.model_dir, verify=False)  # fail now, not after binding the port
         config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                               request_timeout=args.timeout, max_choices=args.max_n,
-                              prefill_budget=args.prefill_budget)
+                              prefill_budget=args.prefill_budget,
+                              speculative=args.speculative,
+                              num_draft_tokens=args.num_draft_tokens,
+                              speculative_max_batch=args.speculative_max_batch)
+        if args.speculative and args.speculative.startswith("draft:"):
+            open_manifest(Path(args.speculative[len("draft:"):]), verify=False)
     except Gpt2OnnxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

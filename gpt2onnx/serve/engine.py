@@ -24,13 +24,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gpt2onnx.contract import LAYOUT_FUSED
 from gpt2onnx.errors import InvalidParameterError
+from gpt2onnx.runtime.drafting import NGRAM, check_draft
 from gpt2onnx.runtime.generator import Generator, plan_row
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.runtime.speculative import SpeculationStats, check_draft_tokens
 from gpt2onnx.serve.completion import ChoiceDelta, Completion, EngineRequest
 from gpt2onnx.serve.errors import (
     ModelRunError,
@@ -63,6 +66,11 @@ class EngineConfig:
         prefill_budget: prompt tokens prefilled at one step boundary while other rows are
             running (the first queued request is always admitted): bounds their wait.
         warmup: run a short generation before reporting ready.
+        speculative: None, "ngram" (prompt lookup) or "draft:FOLDER" (a draft model folder
+            with the model's tokenizer): speculative decoding while at most
+            ``speculative_max_batch`` rows run (on the CPU each speculating row verifies
+            in a run of its own, which stops paying above a batch of one or two).
+        num_draft_tokens: draft tokens checked per row and step at most, in [1, 16].
     """
 
     max_batch_size: int = 16
@@ -71,8 +79,21 @@ class EngineConfig:
     max_choices: int = 8
     prefill_budget: int = 512
     warmup: bool = True
+    speculative: str | None = None
+    num_draft_tokens: int = 8
+    speculative_max_batch: int = 2
 
     def __post_init__(self) -> None:
+        check_draft_tokens(self.num_draft_tokens)
+        s = self.speculative
+        if s is not None and s != NGRAM and not (isinstance(s, str) and s.startswith("draft:")
+                                                 and len(s) > len("draft:")):
+            raise InvalidParameterError(
+                "speculative", f"speculative must be 'ngram' or 'draft:FOLDER', got {s!r}.")
+        m = self.speculative_max_batch
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise InvalidParameterError("speculative_max_batch", "speculative_max_batch must "
+                                        f"be an integer >= 0, got {m!r}.")
         for name in ("max_batch_size", "max_choices", "prefill_budget", "max_queue"):
             value = getattr(self, name)
             low = 0 if name == "max_queue" else 1
@@ -150,6 +171,8 @@ class Engine:
         self._source = model
         self._model: Model | None = None
         self._gen: Generator | None = None
+        self._draft: object = None  # "ngram" or a draft Model, with --speculative
+        self._spec_seen = SpeculationStats()  # the generator's counters already exported
         self._continuous = True
         self._wake = threading.Condition()
         self._waiting: deque[Ticket] = deque()  # guarded by _wake
@@ -348,6 +371,25 @@ class Engine:
             log.warning("%s has the standard layout: rows cannot join a running batch, so "
                         "requests run one at a time. Export with --layout fused for "
                         "continuous batching.", model.folder)
+        spec = self.config.speculative
+        if spec is not None and not self._continuous:
+            raise InvalidParameterError(
+                "speculative", f"--speculative needs a fused model folder; {model.folder} has "
+                "the standard layout. Export with --layout fused.")
+        if spec is not None and not model.manifest.any_logits:
+            raise InvalidParameterError("speculative", model.manifest.last_position_only(
+                "speculative decoding (logits at every drafted position)"))
+        if spec is not None and spec.startswith("draft:"):
+            folder = Path(spec[len("draft:"):])
+            if not (folder / "manifest.json").is_file():
+                raise InvalidParameterError(
+                    "speculative", f"draft folder {str(folder)!r} has no manifest.json; pass "
+                    "a folder written by gpt2onnx.export.")
+            # Its threads sleep between runs, so that they leave the cores to the model's.
+            self._draft = Model(folder, provider=model.provider, spinning=False)
+            check_draft(self._draft, model)
+        elif spec == NGRAM:
+            self._draft = NGRAM
         self._model = model
         self._gen = self._new_generator()
         if self.config.warmup:
@@ -358,7 +400,9 @@ class Engine:
         if not self._continuous:
             return None  # one Generator per request, made at admission
         return self._model.generator([], GenerationParams(),
-                                     batch_size=self.config.max_batch_size)
+                                     batch_size=self.config.max_batch_size, draft=self._draft,
+                                     num_draft_tokens=self.config.num_draft_tokens,
+                                     speculative_max_batch=self.config.speculative_max_batch)
 
     def _warm_up(self) -> None:
         """Short generations through the path requests take, at one row and at every slot:
@@ -377,6 +421,10 @@ class Engine:
             self._model.generate(prompts[0], params)
             return
         for rows in sorted({1, self.config.max_batch_size}):
+            if self._draft is not None and rows <= self.config.speculative_max_batch:
+                # Enough tokens for a verification run and the draft's own runs.
+                params = params.with_(max_new_tokens=min(self.config.num_draft_tokens + 3,
+                                                         self._model.context_length - length))
             slots = self._gen.add_rows(prompts[:rows], [params] * rows)
             while not self._gen.is_done():
                 self._gen.generate_next_token()
@@ -511,9 +559,24 @@ class Engine:
             if self._gen is not None:
                 self._gen.close()  # its cache goes back to the pool for the new generator
             self._gen = self._new_generator()
+            self._spec_seen = SpeculationStats()
             return
+        self._count_speculation()
         for t in list(self._running):
             self._emit(t)
+
+    def _count_speculation(self) -> None:
+        gen = self._gen
+        if gen is None or gen.drafter is None:
+            return
+        now, seen, m = gen.speculation, self._spec_seen, self.metrics
+        if now.rounds == seen.rounds:
+            return
+        m.spec_verifications.inc(now.rounds - seen.rounds)
+        m.spec_draft_tokens.inc(now.proposed - seen.proposed)
+        m.spec_accepted_tokens.inc(now.accepted - seen.accepted)
+        m.spec_emitted_tokens.inc(now.emitted - seen.emitted)
+        self._spec_seen = SpeculationStats(now.rounds, now.proposed, now.accepted, now.emitted)
 
     def _emit(self, ticket: Ticket) -> None:
         """Hand a request what its rows produced since the last call; free the slots of

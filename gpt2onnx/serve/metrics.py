@@ -46,6 +46,20 @@ class ServeMetrics:
             "Mean time between a row's tokens after the first", buckets=TPOT_BUCKETS,
             registry=r)
 
+        # Speculative decoding (--speculative): acceptance rate = accepted / draft tokens;
+        # tokens per verification = emitted / verifications.
+        self.spec_verifications = Counter(
+            "gpt2onnx_spec_verifications", "Rows verified with a draft (one per row and step)",
+            registry=r)
+        self.spec_draft_tokens = Counter("gpt2onnx_spec_draft_tokens",
+                                         "Draft tokens checked by the model", registry=r)
+        self.spec_accepted_tokens = Counter("gpt2onnx_spec_accepted_tokens",
+                                            "Draft tokens the model agreed with", registry=r)
+        self.spec_emitted_tokens = Counter(
+            "gpt2onnx_spec_emitted_tokens",
+            "Tokens produced by verifications (accepted drafts plus the model's own)",
+            registry=r)
+
     def outcome(self, name: str) -> None:
         self.requests.labels(name).inc()
 
