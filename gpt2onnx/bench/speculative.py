@@ -59,18 +59,24 @@ def timed(model: Model, prompts: list[list[int]], params: GenerationParams,
 
 
 def compare(name: str, model: Model, prompts: list[list[int]], params: GenerationParams,
-            variants: dict[str, tuple[object, int]], runs: int) -> dict[str, Any]:
-    """Every variant against plain decoding, interleaved, medians of ``runs``."""
-    all_variants: dict[str, tuple[object, int]] = {"plain": (None, 4), **variants}
-    for draft, k in all_variants.values():  # warm-up: arenas, bindings, draft caches
-        timed(model, prompts, params.with_(max_new_tokens=8), draft, k)
+            variants: dict[str, tuple], runs: int) -> dict[str, Any]:
+    """Every variant (draft, k[, the target Model to use]) against plain decoding with
+    ``model``, interleaved, medians of ``runs``."""
+    all_variants: dict[str, tuple] = {"plain": (None, 4), **variants}
+
+    def target(v: tuple) -> Model:
+        return v[2] if len(v) > 2 else model
+
+    for v in all_variants.values():  # warm-up: arenas, bindings, draft caches
+        timed(target(v), prompts, params.with_(max_new_tokens=8), v[0], v[1])
     ms: dict[str, list[float]] = {v: [] for v in all_variants}
     last: dict[str, dict[str, Any]] = {}
     for r in range(runs):
         order = list(all_variants)
         order = order[r % len(order):] + order[:r % len(order)]
         for v in order:
-            last[v] = timed(model, prompts, params, *all_variants[v])
+            spec = all_variants[v]
+            last[v] = timed(target(spec), prompts, params, spec[0], spec[1])
             ms[v].append(last[v]["ms_per_token"])
     plain = statistics.median(ms["plain"])
     rows = []
@@ -112,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     new = 12 if args.smoke else 64
     ckpt, what = prepare.checkpoint(args.cache, arch)
     target = Model(prepare.our_export(args.cache, ckpt, "fused", "fp32"))
-    drafts = {p: Model(prepare.our_export(args.cache, ckpt, "fused", p), spinning=False)
+    # With a draft model the target and the draft spin only within their runs, as the CLI
+    # and the server load them (folder.session_options): plain decoding keeps the default.
+    paired = Model(target.folder, spinning="run")
+    drafts = {p: Model(prepare.our_export(args.cache, ckpt, "fused", p), spinning="run")
               for p in ("int8", "int4")}
     result: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "checkpoint": what, "load": os.getloadavg()[0],
@@ -122,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     ks = (4, 8)
     variants = {f"prompt lookup k={k}": ("ngram", k) for k in ks}
     for precision, model in drafts.items():
-        variants.update({f"{precision} draft k={k}": (model, k) for k in ks})
+        variants.update({f"{precision} draft k={k}": (model, k, paired) for k in ks})
     # A draft that never agrees (another random checkpoint): what adaptation leaves of the
     # cost of drafting for nothing.
     other, _ = prepare.checkpoint(args.cache, {**arch, "n_layer": max(1, arch["n_layer"] // 2)},
                                   seed=1)
-    unrelated = Model(prepare.our_export(args.cache, other, "fused", "int8"), spinning=False)
-    variants["unrelated int8 draft k=8"] = (unrelated, 8)
+    unrelated = Model(prepare.our_export(args.cache, other, "fused", "int8"), spinning="run")
+    variants["unrelated int8 draft k=8"] = (unrelated, 8, paired)
     work = result["workloads"]
     work.append(compare("gpt2 arch, greedy", target, prompt, greedy, variants, runs))
     free = greedy.with_(temperature=1.0, seed=0)
@@ -136,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                         {"prompt lookup k=4": ("ngram", 4)}, runs))
     if (EMBEDDED / "config.json").exists():
         tiny = Model(prepare.our_export(args.cache, EMBEDDED, "fused", "fp32"))
-        tiny8 = Model(prepare.our_export(args.cache, EMBEDDED, "fused", "int8"), spinning=False)
+        tiny_run = Model(tiny.folder, spinning="run")
+        tiny8 = Model(prepare.our_export(args.cache, EMBEDDED, "fused", "int8"), spinning="run")
         doc = [tiny.encode('def read(self, path):\n    """Return the')]
         tiny_variants = {"prompt lookup k=4": ("ngram", 4), "prompt lookup k=8": ("ngram", 8),
-                         "int8 draft k=4": (tiny8, 4)}
+                         "int8 draft k=4": (tiny8, 4, tiny_run)}
         long = greedy.with_(max_new_tokens=2 * new)
         work.append(compare("pydoc-tiny, greedy doc prose", tiny, doc, long, tiny_variants,
                             runs))

@@ -11,6 +11,7 @@ import sys
 
 from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError
 from gpt2onnx.runtime.drafting import NGRAM
+from gpt2onnx.runtime.folder import SPIN_RUN
 from gpt2onnx.runtime.model import Model, gen_result
 from gpt2onnx.runtime.params import GenerationParams
 
@@ -79,6 +80,15 @@ def speculative_arg(speculative: str | None, draft: str | None) -> str | None:
                                 f"'draft:FOLDER', got {speculative!r}.")
 
 
+def speculative_spinning(spinning: bool | None, draft: object) -> bool | str | None:
+    """With a draft model, the target's threads spin only within a run (``"run"``), so
+    that they leave the cores to the draft's between runs; --no-spin still turns spinning
+    off. Prompt lookup runs no second model: spinning stays as asked."""
+    if draft is None or draft == NGRAM or spinning is False:
+        return spinning
+    return SPIN_RUN
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             on_overflow="truncate" if args.truncate else "error")
         draft = speculative_arg(args.speculative, args.draft)
         model = Model(args.model_dir, provider=args.provider, threads=args.threads,
-                      spinning=args.spinning)
+                      spinning=speculative_spinning(args.spinning, draft))
         gen = model.generator([args.prompt], params, draft=draft,
                               num_draft_tokens=args.num_draft_tokens)
         if args.stream and not args.json:

@@ -54,7 +54,9 @@ class Model:
         provider: "cpu" or "cuda" (needs onnxruntime-gpu).
         threads: intra-op threads (default: onnxruntime's choice, one per physical core).
         spinning: idle intra-op threads busy-wait for work (default: on unless
-            GPT2ONNX_SPIN=0); turn off on a CPU shared with other busy processes.
+            GPT2ONNX_SPIN=0); turn off on a CPU shared with other busy processes. "run":
+            only within a run, for a model and its speculative draft taking turns on the
+            same cores (see ``session_options``).
         verify: check file hashes against the manifest on load: True skips files whose
             stat stamp is unchanged since they last matched (like git's index); "full"
             hashes every file on every load; False only checks that they exist.
@@ -65,7 +67,7 @@ class Model:
 
     def __init__(self, folder: str | Path, provider: str = "cpu", threads: int | None = None,
                  verify: bool | str = True, cuda_graph: bool = False,
-                 spinning: bool | None = None, target_check: bool = True) -> None:
+                 spinning: bool | str | None = None, target_check: bool = True) -> None:
         self.folder = Path(folder)
         self.provider = provider
         if cuda_graph and provider != "cuda":

@@ -12,7 +12,7 @@ import uvicorn
 
 from gpt2onnx.errors import Gpt2OnnxError
 from gpt2onnx.runtime.folder import open_manifest
-from gpt2onnx.runtime.generate import add_session_args
+from gpt2onnx.runtime.generate import add_session_args, speculative_spinning
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
 from gpt2onnx.serve.engine import Engine, EngineConfig
@@ -84,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     except Gpt2OnnxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    spec = args.speculative
+    spinning = speculative_spinning(
+        args.spinning, spec[len("draft:"):] if spec and spec.startswith("draft:") else spec)
     engine = Engine(lambda: Model(args.model_dir, provider=args.provider,
-                                  threads=args.threads,
-                                  spinning=args.spinning), config)
+                                  threads=args.threads, spinning=spinning), config)
     name = args.served_model_name or args.model_dir.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes, drain_timeout=args.shutdown_timeout)

@@ -29,7 +29,7 @@ from typing import Any
 
 from gpt2onnx.contract import LAYOUT_FUSED
 from gpt2onnx.errors import InvalidParameterError
-from gpt2onnx.runtime.drafting import NGRAM, check_draft
+from gpt2onnx.runtime.drafting import NGRAM, check_draft, draft_spinning
 from gpt2onnx.runtime.generator import Generator, plan_row
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.runtime.params import GenerationParams
@@ -385,8 +385,9 @@ class Engine:
                 raise InvalidParameterError(
                     "speculative", f"draft folder {str(folder)!r} has no manifest.json; pass "
                     "a folder written by gpt2onnx.export.")
-            # Its threads sleep between runs, so that they leave the cores to the model's.
-            self._draft = Model(folder, provider=model.provider, spinning=False)
+            # Its threads leave the cores to the model's between runs (draft_spinning).
+            self._draft = Model(folder, provider=model.provider,
+                                spinning=draft_spinning(model))
             check_draft(self._draft, model)
         elif spec == NGRAM:
             self._draft = NGRAM

@@ -56,3 +56,23 @@ def test_a_bad_spin_variable_is_a_typed_error(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv(SPIN_ENV, bad)
     with pytest.raises(InvalidParameterError, match=f"{SPIN_ENV}={bad!r} is not one of"):
         session_options()
+
+
+def test_spin_within_runs_only() -> None:
+    """spinning="run": threads spin inside a run and stop at its end (for a model and its
+    speculative draft taking turns on the same cores)."""
+    opts = session_options(spinning="run")
+    assert opts.get_session_config_entry(SPIN_KEY) == "1"
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(InvalidParameterError, match="spinning must be True, False or 'run'"):
+        session_options(spinning="sometimes")
+
+
+def test_speculating_clis_spin_within_runs_only() -> None:
+    from gpt2onnx.runtime.generate import speculative_spinning
+
+    assert speculative_spinning(None, "some/draft/folder") == "run"
+    assert speculative_spinning(True, "some/draft/folder") == "run"
+    assert speculative_spinning(False, "some/draft/folder") is False  # --no-spin wins
+    assert speculative_spinning(None, "ngram") is None  # no second model
+    assert speculative_spinning(None, None) is None
