@@ -38,6 +38,7 @@ from gpt2onnx.runtime.speculative import (
     accept_greedy,
     accept_sampled,
     check_draft_tokens,
+    check_speculative_max_batch,
 )
 
 if TYPE_CHECKING:
@@ -188,12 +189,7 @@ class Generator:
         # Speculative decoding: the drafter (and a draft model's cache) belongs to this
         # generator, as the target cache does.
         self.num_draft_tokens = check_draft_tokens(num_draft_tokens)
-        if (isinstance(speculative_max_batch, bool) or not isinstance(speculative_max_batch, int)
-                or speculative_max_batch < 0):
-            raise InvalidParameterError(
-                "speculative_max_batch", "speculative_max_batch must be an integer >= 0 (0: "
-                f"never speculate), got {speculative_max_batch!r}.")
-        self.speculative_max_batch = speculative_max_batch
+        self.speculative_max_batch = check_speculative_max_batch(speculative_max_batch)
         if draft is not None and not self.cache.supports_slots:
             raise InvalidParameterError(
                 "draft", "speculative decoding needs a fused model folder (rows are rewound "
@@ -208,7 +204,6 @@ class Generator:
             self._finalizer = weakref.finalize(self, _close_both, model, self.cache, drafter)
         self.speculation = SpeculationStats()
         self._draft_len: list[DraftLength | None] = [None] * size
-        self._gained: dict[int, int] = {}  # tokens each verified row gained this step
 
     def close(self) -> None:
         """Hand the cache back to the model now (also happens when the generator is
@@ -424,9 +419,8 @@ class Generator:
         picked = np.full(len(self.rows), -1, np.int64)
         plain: list[tuple[int, Row, int]] = []
         pending = set(drafts)  # rows whose cache still holds every drafted token
-        self._gained.clear()
         try:
-            self._verify_all(slots, drafts, result, before, picked, plain, pending)
+            gained = self._verify_all(slots, drafts, result, before, picked, plain, pending)
         except BaseException:
             for s in pending:  # forget the unverified tokens: that part of the step is lost
                 self.cache.rewind(s, before[s])
@@ -436,14 +430,16 @@ class Generator:
         if plain:
             self._pick(plain, result, picked)
         self.timings.decode_steps += 1
-        self.timings.decode_tokens += max(1, *self._gained.values()) if self._gained else 1
+        self.timings.decode_tokens += gained
         return picked
 
     def _verify_all(self, slots: np.ndarray, drafts: dict[int, Draft], result: StepResult,
                     before: dict[int, int], picked: np.ndarray,
-                    plain: list[tuple[int, Row, int]], pending: set[int]) -> None:
-        """Verify each drafting row of the step; collect the others into ``plain``."""
+                    plain: list[tuple[int, Row, int]], pending: set[int]) -> int:
+        """Verify each drafting row of the step; collect the others into ``plain``.
+        Returns the most tokens a row gained."""
         assert self.drafter is not None
+        gained = 1
         for k, s in enumerate(slots.tolist()):
             row = self.rows[s]
             assert row is not None
@@ -460,7 +456,7 @@ class Generator:
             stats.proposed += d.tokens.size
             stats.accepted += accepted
             stats.emitted += len(row.token_ids) - start
-            self._gained[s] = len(row.token_ids) - start
+            gained = max(gained, len(row.token_ids) - start)
             length = self._draft_len[s]
             if length is not None:
                 length.update(d.tokens.size, accepted)
@@ -470,6 +466,7 @@ class Generator:
             settled = before[s] + 1 + accepted  # the next input and the accepted drafts
             self.cache.rewind(s, settled)
             self.drafter.accepted(s, settled)
+        return gained
 
     def _verify(self, slot: int, row: Row, draft: Draft, result: StepResult, k: int) -> int:
         """Take the tokens the target agrees with, then its own; returns the drafts kept."""

@@ -718,6 +718,12 @@ def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.nda
     return picked, total
 
 
+def sample_rows(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """[n, vocab] non-negative weights and [n] uniforms -> [n] ids by inverse CDF in
+    token-id order (what every draw here uses; the acceptance rule's residual draws too)."""
+    return _inverse_cdf(weights, u)[0]
+
+
 def _first_cumulative(w: np.ndarray, target: np.ndarray, strict: bool,
                       of_total: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the first index whose inclusive cumulative weight passes the target.

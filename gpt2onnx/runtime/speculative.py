@@ -29,6 +29,7 @@ import numpy as np
 
 from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.runtime.params import MAX_DRAFT_TOKENS
+from gpt2onnx.runtime.sampling import sample_rows
 
 # A row whose drafts were mostly rejected this many rounds in a row pauses speculation.
 _MISSES_BEFORE_PAUSE = 2
@@ -42,6 +43,14 @@ def check_draft_tokens(value: object, name: str = "num_draft_tokens") -> int:
         raise InvalidParameterError(
             name, f"{name} must be an integer in [1, {MAX_DRAFT_TOKENS}], got {value!r}; "
             "4 to 8 suit most drafts.")
+    return value
+
+
+def check_speculative_max_batch(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidParameterError(
+            "speculative_max_batch", "speculative_max_batch must be an integer >= 0 (0: "
+            f"never speculate), got {value!r}.")
     return value
 
 
@@ -155,9 +164,6 @@ def accept_greedy(drafts: Sequence[int], target: Sequence[int]) -> int:
 
 
 def inverse_cdf(weights: np.ndarray, u: float) -> int:
-    """The first id whose cumulative weight exceeds u * total (ids ascending)."""
-    cum = np.cumsum(weights, dtype=np.float64)
-    i = int(np.searchsorted(cum, u * cum[-1], side="right"))
-    if i >= weights.shape[0] or weights[i] <= 0:  # u * total rounded onto the end
-        i = int(np.flatnonzero(weights > 0)[-1])
-    return i
+    """The first id whose cumulative weight exceeds u * total (ids ascending): the
+    sampler's own inverse CDF, for one row."""
+    return int(sample_rows(weights[None], np.array([u]))[0])

@@ -33,7 +33,11 @@ from gpt2onnx.runtime.drafting import NGRAM, check_draft, draft_spinning
 from gpt2onnx.runtime.generator import Generator, plan_row
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.runtime.params import GenerationParams
-from gpt2onnx.runtime.speculative import SpeculationStats, check_draft_tokens
+from gpt2onnx.runtime.speculative import (
+    SpeculationStats,
+    check_draft_tokens,
+    check_speculative_max_batch,
+)
 from gpt2onnx.serve.completion import ChoiceDelta, Completion, EngineRequest
 from gpt2onnx.serve.errors import (
     ModelRunError,
@@ -90,10 +94,7 @@ class EngineConfig:
                                                  and len(s) > len("draft:")):
             raise InvalidParameterError(
                 "speculative", f"speculative must be 'ngram' or 'draft:FOLDER', got {s!r}.")
-        m = self.speculative_max_batch
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            raise InvalidParameterError("speculative_max_batch", "speculative_max_batch must "
-                                        f"be an integer >= 0, got {m!r}.")
+        check_speculative_max_batch(self.speculative_max_batch)
         for name in ("max_batch_size", "max_choices", "prefill_budget", "max_queue"):
             value = getattr(self, name)
             low = 0 if name == "max_queue" else 1

@@ -3,20 +3,14 @@ rows and the scoring comparison stay runnable, and their numbers are sane."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from tests.bench.helpers import run_smoke
 
 
 def test_core_bench_smoke(tmp_path) -> None:
     pytest.importorskip("torch")
-    cmd = [sys.executable, "-m", "gpt2onnx.bench.core", "--smoke", "--out",
-           str(tmp_path / "results"), "--cache", str(tmp_path / "cache")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads((tmp_path / "results" / "core.json").read_text())
+    r = run_smoke("gpt2onnx.bench.core", tmp_path, "core.json")
     cells = {(s["precision"], s["batch"]) for s in r["sampling"]}
     assert cells == {("fp32", 1), ("fp32", 16), ("int8", 1), ("int8", 16)}
     for s in r["sampling"]:

@@ -3,20 +3,14 @@ workload runs, and greedy speculation reproduces plain decoding in each."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from tests.bench.helpers import run_smoke
 
 
 def test_speculative_bench_smoke(tmp_path) -> None:
     pytest.importorskip("torch")
-    cmd = [sys.executable, "-m", "gpt2onnx.bench.speculative", "--smoke", "--out",
-           str(tmp_path / "results"), "--cache", str(tmp_path / "cache")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads((tmp_path / "results" / "speculative.json").read_text())
+    r = run_smoke("gpt2onnx.bench.speculative", tmp_path, "speculative.json")
     names = [w["workload"] for w in r["workloads"]]
     assert "gpt2 arch, greedy" in names and "gpt2 arch, greedy, batch 4" in names
     for w in r["workloads"]:
