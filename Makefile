@@ -23,7 +23,7 @@ GEN_ARGS  ?= --repetition-penalty 1.3
 PORT      ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run export generate test test-fast test-slow lint bench bench-core bench-speculative bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
+.PHONY: setup run export generate test test-fast test-slow lint bench bench-core bench-speculative bench-serving bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,11 +76,18 @@ $(OPT_STAMP):
 bench-setup: setup $(OPT_STAMP)
 
 # The full bench (gpt2 architecture, every variant; ~20-30 min on 2 cores), then the
-# one-step core's (sampled vs greedy, scoring vs transformers; ~10 min).
+# one-step core's (sampled vs greedy, scoring vs transformers; ~10 min), speculative
+# decoding's, and the serving engine's under load (~5 min).
 bench: bench-setup
 	$(BIN)/python -m gpt2onnx.bench
 	$(BIN)/python -m gpt2onnx.bench.core
 	$(BIN)/python -m gpt2onnx.bench.speculative
+	$(BIN)/python -m gpt2onnx.bench.serving
+
+# Only the serving engine under load (chunked prefill, prefix caching); BASELINE=<git ref>
+# adds the engine at that ref, interleaved.
+bench-serving: setup
+	$(BIN)/python -m gpt2onnx.bench.serving $(if $(BASELINE),--baseline $(BASELINE))
 
 # Only speculative decoding: prompt lookup and draft models against plain decoding.
 bench-speculative: setup

@@ -17,6 +17,7 @@ from gpt2onnx.errors import (
 from gpt2onnx.runtime.generator import Generator
 from gpt2onnx.runtime.model import GenerationResult, Model
 from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.runtime.prefix_cache import PrefixCache
 from gpt2onnx.runtime.scoring import ScoreResult
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidParameterError",
     "Model",
     "ModelFolderError",
+    "PrefixCache",
     "PromptTooLongError",
     "ProviderUnavailableError",
     "ScoreResult",

@@ -315,6 +315,31 @@ class FusedCache:
             array[dst, :, :n] = array[src, :, :n]
         self.lengths[dst] = n
 
+    def read_tokens(self, slot: int, start: int, end: int, out: np.ndarray) -> None:
+        """Copy positions [start, end) of ``slot`` from every cache buffer into ``out``
+        ([n_buffers, n_head, end - start, head_dim]): a prefix block for reuse."""
+        if not self.on_cpu:
+            raise RuntimeError("read_tokens needs CPU cache buffers")
+        for j, array in enumerate(self._host_memory):
+            out[j] = array[slot, :, start:end]
+
+    def write_tokens(self, slot: int, start: int, block: np.ndarray) -> None:
+        """Put a block read by ``read_tokens`` at positions [start, start + its length) of
+        ``slot``; the slot then holds exactly that many tokens."""
+        if not self.on_cpu:
+            raise RuntimeError("write_tokens needs CPU cache buffers")
+        end = start + block.shape[2]
+        if not 0 <= start <= int(self.lengths[slot]) or end > self.capacity:
+            raise ValueError(f"block [{start}, {end}) does not continue slot {slot} "
+                             f"(length {int(self.lengths[slot])})")
+        for j, array in enumerate(self._host_memory):
+            array[slot, :, start:end] = block[j]
+        self.lengths[slot] = end
+
+    def block_shape(self, tokens: int) -> tuple[int, ...]:
+        m = self.manifest
+        return (len(self._host_memory), m.n_head, tokens, m.head_dim)
+
     def _alloc(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
         if self.device_type == "cpu":
             # numpy owns CPU memory so slot views can be bound by address.

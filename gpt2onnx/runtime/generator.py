@@ -25,6 +25,7 @@ from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError, PromptTooLongE
 from gpt2onnx.runtime.cache import Append, StepResult
 from gpt2onnx.runtime.drafting import Draft, DraftRequest, resolve_drafter
 from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.runtime.prefix_cache import PrefixCache
 from gpt2onnx.runtime.sampling import (
     RowSampler,
     log_softmax,
@@ -86,6 +87,15 @@ class Row:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class _Prefill:
+    """A reserved row's progress into the cache."""
+
+    computed: int = 0  # prompt tokens in the cache
+    leader: int | None = None  # the slot with the identical prompt this row will copy
+    cached: int = 0  # of ``computed``, tokens copied from the prefix cache
 
 
 @dataclass
@@ -159,7 +169,8 @@ class Generator:
     def __init__(self, model: Model, prompts: Sequence[Sequence[int]],
                  params: GenerationParams | Sequence[GenerationParams],
                  batch_size: int | None = None, draft: object = None,
-                 num_draft_tokens: int = 8, speculative_max_batch: int = 2) -> None:
+                 num_draft_tokens: int = 8, speculative_max_batch: int = 2,
+                 prefix_cache: PrefixCache | None = None) -> None:
         per_row = [params] * len(prompts) if isinstance(params, GenerationParams) else list(params)
         if len(per_row) != len(prompts):
             raise InvalidParameterError("params", f"{len(per_row)} params for {len(prompts)} "
@@ -178,6 +189,9 @@ class Generator:
         self._finalizer = weakref.finalize(self, model._return_cache, self.cache)
         self.rows: list[Row | None] = [None] * size
         self._waiting: list[int] = []  # slots whose prompt is not in the cache yet
+        self._prefilling: dict[int, _Prefill] = {}  # reserved rows entering in chunks
+        # Stored prompt blocks reused by later prompts (CPU buffers only: they copy).
+        self.prefix_cache = prefix_cache if self.cache.supports_slot_copy else None
         for slot, row in enumerate(planned):
             self.rows[slot] = row
             self._waiting.append(slot)
@@ -282,42 +296,168 @@ class Generator:
             if len(rows) > len(free):
                 raise RuntimeError(f"{len(rows)} rows for {len(free)} free slots: release "
                                    "finished rows first")
-            # source[k]: the row whose prefill row k reuses (identical prompt, same keep).
-            source = list(range(len(rows)))
-            if self.cache.supports_slot_copy:
-                first: dict[tuple, int] = {}
-                source = [first.setdefault((tuple(r.prompt_ids), _keep(r)), k)
-                          for k, r in enumerate(rows)]
-            runs = [k for k in range(len(rows)) if source[k] == k]
-            copies = [k for k in range(len(rows)) if source[k] != k]
-            # Rows that run take the lowest free slots, so adjacent ones share a run.
+            # Rows with a prompt of their own take the lowest free slots (adjacent ones
+            # share a run); repeats follow them and get copies.
+            first: dict[tuple, int] = {}
+            for k, r in enumerate(rows):
+                first.setdefault((tuple(r.prompt_ids), _keep(r)), k)
+            leaders = sorted(set(first.values()))
+            order = leaders + [k for k in range(len(rows)) if k not in first.values()]
             slots = [0] * len(rows)
-            for slot, k in zip(free, runs + copies, strict=False):
+            for slot, k in zip(free, order, strict=False):
                 slots[k] = slot
             t0 = time.perf_counter()
+            for k in order:
+                self._reserve(rows[k], slots[k])
             try:
-                for slot in slots:
-                    self.cache.release(slot)
-                    self._forget_draft(slot)
-                    self.rows[slot] = None
-                    self._active[slot] = False
-                result = self.cache.step([Append(slots[k], rows[k].prompt_ids, _keep(rows[k]))
-                                          for k in runs])
-                for k in copies:
-                    self.cache.copy_slot(slots[source[k]], slots[k])
-                at = {k: i for i, k in enumerate(runs)}
-                for k, row in enumerate(rows):
-                    self.rows[slots[k]] = row
-                self._after_prompts([(slots[k], rows[k], at[source[k]]) for k in range(len(rows))],
-                                    result)
+                self._prefill([(slots[k], self.prompt_left(slots[k])) for k in leaders])
             except BaseException:
                 for slot in slots:
-                    self.cache.release(slot)
-                    self.rows[slot] = None
-                    self._active[slot] = False
+                    self._drop(slot)
                 raise
             self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
             return slots
+
+    # -- chunked prefill: rows that enter the cache over several steps ---------------------
+
+    def reserve(self, prompt_ids: Sequence[int], params: GenerationParams,
+                slot: int | None = None) -> int:
+        """Give a new row a free slot without running anything: its prompt then enters the
+        cache in chunks through ``prefill``, between decode steps, and the row decodes from
+        the step after its last chunk. A stored prefix of the prompt (``prefix_cache``) is
+        copied in at once; a prompt identical to one still prefilling waits for it and
+        gets a copy. Returns the slot.
+
+        Raises:
+            InvalidParameterError / PromptTooLongError: bad prompt or parameters.
+            RuntimeError: no free slot, or a layout without per-row caches.
+        """
+        with self._driving():
+            if not self.cache.supports_slots:
+                raise RuntimeError("rows can join a running batch only with the fused layout")
+            if self._waiting:
+                self._prefill_waiting()
+            row = self._new_row(prompt_ids, params)
+            free = self.free_slots
+            if slot is None and free:
+                slot = free[0]
+            if slot is None or slot not in free:
+                raise RuntimeError(f"slot {slot} is not free: release finished rows first")
+            self._reserve(row, slot)
+            return slot
+
+    def _reserve(self, row: Row, slot: int) -> None:
+        self.cache.release(slot)
+        self._forget_draft(slot)
+        self._active[slot] = False
+        self.rows[slot] = row
+        state = _Prefill()
+        keep = _keep(row)
+        if self.cache.supports_slot_copy:
+            for s, other in self._prefilling.items():
+                r = self.rows[s]
+                if (other.leader is None and r is not None and _keep(r) == keep
+                        and r.prompt_ids == row.prompt_ids):
+                    state.leader = s
+                    break
+            if state.leader is None and self.prefix_cache is not None and keep == 1:
+                state.computed = state.cached = self.prefix_cache.load(row.prompt_ids,
+                                                                       self.cache, slot)
+        self._prefilling[slot] = state
+
+    @property
+    def prefilling(self) -> list[int]:
+        """Slots whose prompt is not wholly in the cache yet, in the order they came."""
+        return list(self._prefilling)
+
+    def prompt_left(self, slot: int) -> int:
+        """Prompt tokens of a prefilling row still to run (0 for a row that will copy an
+        identical prompt's slot, or a row that is not prefilling)."""
+        state = self._prefilling.get(slot)
+        if state is None or state.leader is not None:
+            return 0
+        row = self.rows[slot]
+        assert row is not None
+        return len(row.prompt_ids) - state.computed
+
+    def prompt_cached(self, slot: int) -> int:
+        """Prompt tokens of a prefilling row that came from the prefix cache."""
+        state = self._prefilling.get(slot)
+        return state.cached if state is not None else 0
+
+    def prefill(self, chunks: Sequence[tuple[int, int]]) -> list[int]:
+        """Run the next ``n`` prompt tokens of each (slot, n) of reserved rows, in one step
+        (empty slots next to each other share a run; a chunk onto a slot's earlier chunks
+        runs on its own, as GroupQueryAttention on the CPU takes several new tokens onto a
+        past only at batch 1). Rows whose prompt is then whole pick their first token and
+        decode from the next step, with the rows that copy them. Returns those slots.
+        On failure the rows of the chunks (and their copies) are dropped: their slots are
+        free, and every other row is as it was."""
+        with self._driving():
+            t0 = time.perf_counter()
+            involved = {s for s, _ in chunks}
+            involved |= {f for f, st in self._prefilling.items() if st.leader in involved}
+            try:
+                done = self._prefill(chunks)
+            except BaseException:
+                for slot in involved:
+                    self._drop(slot)
+                raise
+            self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
+            return done
+
+    def _prefill(self, chunks: Sequence[tuple[int, int]]) -> list[int]:
+        appends, plan = [], []
+        for slot, n in chunks:
+            state = self._prefilling[slot]
+            row = self.rows[slot]
+            assert row is not None and state.leader is None
+            if (self.prefix_cache is not None and state.computed == state.cached
+                    and _keep(row) == 1):
+                # Nothing of its own ran yet: a row that prefilled since it was reserved
+                # (the same system prompt, arriving in the same burst) may have stored more.
+                state.computed = state.cached = self.prefix_cache.load(
+                    row.prompt_ids, self.cache, slot, have=state.computed)
+            a = state.computed
+            b = min(a + max(1, n), len(row.prompt_ids))
+            last = b == len(row.prompt_ids)
+            scoring = row.params.prompt_logprobs is not None
+            appends.append(Append(slot, row.prompt_ids[a:b],
+                                  (b - a) if scoring else int(last)))
+            plan.append((slot, row, a, b, last))
+        result = self.cache.step(appends)
+        finishing: list[tuple[int, Row, int]] = []
+        for k, (slot, row, a, b, last) in enumerate(plan):
+            self._prefilling[slot].computed = b
+            if row.params.prompt_logprobs is not None:
+                row.prompt_logprobs += _prompt_logprobs(row, result.logits(k), a)
+            if self.prefix_cache is not None and self.cache.supports_slot_copy:
+                self.prefix_cache.store(row.prompt_ids, self.cache, slot, b)
+            if last:
+                finishing.append((slot, row, k))
+        entries: list[tuple[int, Row, int]] = []
+        for slot, row, k in finishing:  # copies first: a finished row releases its slot
+            del self._prefilling[slot]
+            entries.append((slot, row, k))
+            for f in [f for f, st in self._prefilling.items() if st.leader == slot]:
+                follower = self.rows[f]
+                assert follower is not None
+                self.cache.copy_slot(slot, f)
+                follower.prompt_logprobs = list(row.prompt_logprobs)
+                del self._prefilling[f]
+                entries.append((f, follower, k))
+        self._first_tokens(entries, result)
+        return [slot for slot, _, _ in entries]
+
+    def _drop(self, slot: int) -> None:
+        """Forget a row that never finished its prefill (or never started decoding)."""
+        self._prefilling.pop(slot, None)
+        for st in self._prefilling.values():
+            if st.leader == slot:  # its copies prefill on their own now
+                st.leader = None
+        self.cache.release(slot)
+        self.rows[slot] = None
+        self._active[slot] = False
 
     def release(self, slot: int) -> None:
         """Stop a row now (finished or cancelled); its slot is free for ``add``."""
@@ -328,6 +468,8 @@ class Generator:
             self._active[slot] = False
             if slot in self._waiting:
                 self._waiting.remove(slot)
+            if slot in self._prefilling:
+                self._drop(slot)
             self.rows[slot] = None
             if self.cache.supports_slots:
                 self.cache.release(slot)
@@ -532,6 +674,11 @@ class Generator:
         for _, row, k in entries:
             if row.params.prompt_logprobs is not None:
                 row.prompt_logprobs = _prompt_logprobs(row, result.logits(k))
+        self._first_tokens(entries, result, picked)
+
+    def _first_tokens(self, entries: list[tuple[int, Row, int]], result: StepResult,
+                      picked: np.ndarray | None = None) -> None:
+        """Pick the first token of rows whose prompt is in the cache now."""
         generating = []
         for slot, row, k in entries:
             if row.max_new_tokens == 0:
@@ -653,16 +800,18 @@ def _logprob_of(logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logp[0, token]), top, rank)
 
 
-def _prompt_logprobs(row: Row, logits: np.ndarray) -> list[TokenLogprob | None]:
-    """Log-prob of each prompt token given the ones before it ([n, vocab] logits of the
-    prompt's positions); the first token has no context, so None."""
+def _prompt_logprobs(row: Row, logits: np.ndarray, start: int = 0
+                     ) -> list[TokenLogprob | None]:
+    """Log-prob of each prompt token given the ones before it, from the [n, vocab] logits
+    of prompt positions [start, start + n) (a whole prompt, or one chunk of it): position
+    i's logits score token i + 1. The first token has no context, so None."""
     n_top = row.params.prompt_logprobs
     assert n_top is not None
-    targets = np.asarray(row.prompt_ids[1:], np.int64)
-    out: list[TokenLogprob | None] = [None]
+    targets = np.asarray(row.prompt_ids[start + 1:start + 1 + len(logits)], np.int64)
+    out: list[TokenLogprob | None] = [None] if start == 0 else []
     if not len(targets):
         return out
-    logp = log_softmax(logits[:-1].astype(np.float32, copy=False))  # [n - 1, vocab]
+    logp = log_softmax(logits[:len(targets)].astype(np.float32, copy=False))
     chosen = logp[np.arange(len(targets)), targets]
     ranks = 1 + (logp > chosen[:, None]).sum(axis=1)
     tops = top_ids(logp, n_top) if n_top else np.zeros((len(targets), 0), np.int64)

@@ -18,6 +18,7 @@ from gpt2onnx.runtime.cache import FusedCache, StandardCache
 from gpt2onnx.runtime.folder import make_session, open_manifest, session_device, spin_from_env
 from gpt2onnx.runtime.generator import Generator
 from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.runtime.prefix_cache import PrefixCache
 from gpt2onnx.runtime.scoring import ScoreResult, score_ids
 
 Prompt = str | Sequence[int]
@@ -171,7 +172,8 @@ class Model:
     def generator(self, prompts: Sequence[Prompt],
                   params: GenerationParams | Sequence[GenerationParams] | None = None,
                   batch_size: int | None = None, draft: object = None,
-                  num_draft_tokens: int = 8, speculative_max_batch: int = 2) -> Generator:
+                  num_draft_tokens: int = 8, speculative_max_batch: int = 2,
+                  prefix_cache: PrefixCache | None = None) -> Generator:
         """A step-level generator over prompts (text or token ids); ``batch_size`` leaves
         free slots for rows added later with ``Generator.add`` (fused layout).
 
@@ -181,13 +183,17 @@ class Model:
         per row (adapted to how many get accepted) while at most
         ``speculative_max_batch`` rows are running; greedy output is unchanged and sampled
         output keeps its distribution.
+
+        ``prefix_cache``: a ``PrefixCache`` whose stored prompt blocks rows added later
+        reuse (and add to); CPU folders only.
         """
         if not prompts and batch_size is None:
             raise InvalidParameterError("prompt", "no prompts given; pass at least one.")
         return Generator(self, [self._prompt_ids(p) for p in prompts],
                          params if params is not None else GenerationParams(), batch_size,
                          draft=draft, num_draft_tokens=num_draft_tokens,
-                         speculative_max_batch=speculative_max_batch)
+                         speculative_max_batch=speculative_max_batch,
+                         prefix_cache=prefix_cache)
 
     def generate_batch(self, prompts: Sequence[Prompt],
                        params: GenerationParams | Sequence[GenerationParams] | None = None,

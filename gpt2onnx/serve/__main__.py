@@ -33,15 +33,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help="cache slots: rows decoded together")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="requests that may wait while every slot is busy; more get 429")
+                   help="rows (prompts x n) that may wait while every slot is busy; more get "
+                        "429 (a request may have up to max-queue + max-batch-size rows)")
+    p.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+                   help="prompt tokens that may wait; more get 429")
     p.add_argument("--timeout", type=float, default=d.request_timeout,
                    help="seconds a request may take, queueing included (504 after)")
-    p.add_argument("--prefill-budget", type=int, default=d.prefill_budget,
-                   help="prompt tokens prefilled at one step boundary while other requests "
-                        "decode (the oldest waiting request always goes in): lower bounds "
-                        "the stall of running streams, higher prefills bursts together")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help="prompt tokens run per step while rows decode (chunked prefill): "
+                        "a running stream waits at most this much prefill between tokens")
+    p.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens,
+                   help="prompt tokens run per step while no row decodes")
+    p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
+                   help="host memory for reusable prompt blocks (prefix caching; 0 = off)")
+    p.add_argument("--prefix-block-tokens", type=int, default=d.prefix_block_tokens,
+                   help="prefixes are matched in whole blocks of this many tokens")
     p.add_argument("--max-n", type=int, default=d.max_choices,
-                   help="choices per request (n x prompts)")
+                   help="choices per prompt (OpenAI's n)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})")
     p.add_argument("--served-model-name", default=None,
@@ -74,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         open_manifest(args.model_dir, verify=False)  # fail now, not after binding the port
         config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                              max_queued_tokens=args.max_queued_tokens,
                               request_timeout=args.timeout, max_choices=args.max_n,
-                              prefill_budget=args.prefill_budget,
+                              prefill_chunk=args.prefill_chunk,
+                              max_step_tokens=args.max_step_tokens,
+                              prefix_cache_mb=args.prefix_cache_mb,
+                              prefix_block_tokens=args.prefix_block_tokens,
                               speculative=args.speculative,
                               num_draft_tokens=args.num_draft_tokens,
                               speculative_max_batch=args.speculative_max_batch)

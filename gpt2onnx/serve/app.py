@@ -112,7 +112,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
             authorize(request, api_key)
             body = await read_body(request, max_body_bytes)
             model = engine.model
-            args = (body, model, model_name, engine.max_choices)
+            args = (body, model, model_name, engine.max_choices, engine.max_rows)
             call = (await asyncio.to_thread(parse_completion, *args)
                     if len(body) > _PARSE_OFF_LOOP_BYTES else parse_completion(*args))
         except ServeError as exc:

@@ -2,17 +2,22 @@
 drives one ``Generator``; other threads and asyncio loops submit requests and read their
 output step by step, and never wait on a model run.
 
-One round of the engine thread (continuous batching):
-  1. retire running requests that were cancelled (client gone) or passed their deadline:
-     their slots are free at once;
-  2. admit queued requests into free slots: prefill their prompts into their slots (rows
-     in adjacent slots share one run) and pick each row's first token; requests that
-     arrived during that prefill follow at once; running rows wait for these prefills, of
-     at most ``prefill_budget`` prompt tokens in all (the oldest request always goes in);
-  3. run one decode step over every running row and hand each request its new output.
+Three parts with one job each (as vLLM's engine):
+  * the scheduler (``scheduler.py``, pure): the waiting rows, the rows in the batch and a
+    per-step token budget in, this step's slots and prompt chunks out;
+  * this loop: per step, retire cancelled and timed-out requests, give admitted rows
+    their slots (a stored prefix of their prompt is copied in at once), run the planned
+    prompt chunks, then one decode step over every decoding row, and recover from a
+    failed run by failing only the requests whose rows were in it;
+  * output delivery (``output.py``): deltas, finished rows, latencies and outcomes.
+
+Long prompts enter the cache in chunks between decode steps (at most ``prefill_chunk``
+tokens per step while rows decode), so running streams never stall behind them. Prompt
+chunks and decode tokens run as separate model runs: GroupQueryAttention takes one
+new-token count per run (and several new tokens onto a past only at batch 1 on the CPU).
 
 A standard-layout folder holds one cache tensor for the whole batch, so rows cannot join
-or leave it: the engine then runs one request (its ``n`` rows) at a time, and logs so.
+it: the scheduler then admits rows only into an empty batch, and they run together.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from gpt2onnx.contract import LAYOUT_FUSED
 from gpt2onnx.errors import InvalidParameterError
@@ -33,12 +37,13 @@ from gpt2onnx.runtime.drafting import NGRAM, check_draft, draft_spinning
 from gpt2onnx.runtime.generator import Generator, plan_row
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.runtime.prefix_cache import PrefixCache, PrefixCacheStats
 from gpt2onnx.runtime.speculative import (
     SpeculationStats,
     check_draft_tokens,
     check_speculative_max_batch,
 )
-from gpt2onnx.serve.completion import ChoiceDelta, Completion, EngineRequest
+from gpt2onnx.serve.completion import Completion, EngineRequest
 from gpt2onnx.serve.errors import (
     ModelRunError,
     NotReadyError,
@@ -47,7 +52,9 @@ from gpt2onnx.serve.errors import (
     ShuttingDownError,
 )
 from gpt2onnx.serve.metrics import ServeMetrics
-from gpt2onnx.serve.streams import DONE, AsyncStream, Push, SyncStream
+from gpt2onnx.serve.output import OutputProcessor, Ticket
+from gpt2onnx.serve.scheduler import Scheduler, SeqState
+from gpt2onnx.serve.streams import AsyncStream, Push, SyncStream
 
 log = logging.getLogger("gpt2onnx.serve")
 
@@ -62,13 +69,19 @@ class EngineConfig:
 
     Args:
         max_batch_size: cache slots, i.e. rows decoded together in one step.
-        max_queue: requests that may wait while every slot is busy; the next is refused
-            with ``QueueFullError`` (HTTP 429).
+        max_queue: rows (choices) that may wait while every slot is busy; more are refused
+            with ``QueueFullError`` (HTTP 429). A request may have up to
+            ``max_queue + max_batch_size`` rows; they start as slots free up.
+        max_queued_tokens: prompt tokens that may wait; more are refused (429) too.
         request_timeout: seconds from submission until a request fails with
             ``RequestTimeoutError`` (HTTP 504); None waits forever.
-        max_choices: rows one request may ask for (OpenAI's ``n`` times its prompts).
-        prefill_budget: prompt tokens prefilled at one step boundary while other rows are
-            running (the first queued request is always admitted): bounds their wait.
+        max_choices: OpenAI's ``n``: rows one prompt may ask for.
+        prefill_chunk: prompt tokens run per step at most while rows decode: a decoding
+            row waits at most this much prefill between two of its tokens.
+        max_step_tokens: prompt tokens run per step while no row decodes.
+        prefix_cache_mb: host memory for reusable prompt blocks (prefix caching; 0 turns it
+            off). CPU folders only.
+        prefix_block_tokens: prefixes are matched in whole blocks of this many tokens.
         warmup: run a short generation before reporting ready.
         speculative: None, "ngram" (prompt lookup) or "draft:FOLDER" (a draft model folder
             with the model's tokenizer): speculative decoding while at most
@@ -79,9 +92,13 @@ class EngineConfig:
 
     max_batch_size: int = 16
     max_queue: int = 256
+    max_queued_tokens: int = 1 << 20
     request_timeout: float | None = 600.0
     max_choices: int = 8
-    prefill_budget: int = 512
+    prefill_chunk: int = 32
+    max_step_tokens: int = 2048
+    prefix_cache_mb: int = 256
+    prefix_block_tokens: int = 16
     warmup: bool = True
     speculative: str | None = None
     num_draft_tokens: int = 8
@@ -95,9 +112,11 @@ class EngineConfig:
             raise InvalidParameterError(
                 "speculative", f"speculative must be 'ngram' or 'draft:FOLDER', got {s!r}.")
         check_speculative_max_batch(self.speculative_max_batch)
-        for name in ("max_batch_size", "max_choices", "prefill_budget", "max_queue"):
+        for name in ("max_batch_size", "max_choices", "prefill_chunk", "max_step_tokens",
+                     "max_queue", "max_queued_tokens", "prefix_cache_mb",
+                     "prefix_block_tokens"):
             value = getattr(self, name)
-            low = 0 if name == "max_queue" else 1
+            low = 0 if name in ("max_queue", "prefix_cache_mb") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidParameterError(name, f"{name} must be an integer >= {low}, "
                                             f"got {value!r}.")
@@ -109,7 +128,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class EngineStats:
-    waiting: int  # requests queued for a slot
+    waiting: int  # requests with a row still queued for a slot
     running: int  # requests with rows in the batch
     running_rows: int
     free_slots: int
@@ -122,39 +141,13 @@ def check_choices(n: int, limit: int, param: str = "n") -> None:
                                     f"(choices per request on this server), got {n!r}.")
 
 
-class Ticket:
-    """A submitted request's place in the engine. ``push`` receives, in order, lists of
-    ``ChoiceDelta`` and then exactly one of ``DONE`` or an exception."""
-
-    def __init__(self, engine: Engine, request: EngineRequest, push: Push) -> None:
-        self._engine = engine
-        self.request = request
-        self.push = push
-        self.submitted = time.perf_counter()
-        timeout = engine.config.request_timeout
-        self.deadline = self.submitted + timeout if timeout is not None else math.inf
-        self.cancelled = False  # set by any thread, read by the engine at step boundaries
-        self.finished = False
-        # Engine-thread state, one entry per row (choice).
-        n = len(request.rows)
-        self.slots: list[int | None] = []  # None once the row finished and left its slot
-        self.sent = [0] * n  # tokens already handed to the caller
-        self.first_token_at: list[float | None] = [None] * n
-
-    def cancel(self) -> None:
-        """Give up on the request: its slots are freed at the next step boundary."""
-        if not self.finished and not self.cancelled:
-            self.cancelled = True
-            self._engine._withdraw(self)
-
-
 class Engine:
     """Continuous batching over one model, on a thread of its own.
 
     Args:
         model: a loaded ``Model``, or a function that loads one (called on the engine
             thread, so ``/health`` can answer while a large folder loads).
-        config: batch size, queue and timeout limits.
+        config: batch size, queue, budget and timeout limits.
         metrics: where to count requests and latencies (default: a fresh registry).
 
     Python use, without HTTP::
@@ -169,16 +162,24 @@ class Engine:
                  metrics: ServeMetrics | None = None) -> None:
         self.config = config if config is not None else EngineConfig()
         self.metrics = metrics if metrics is not None else ServeMetrics()
+        self.output = OutputProcessor(self.metrics)
         self._source = model
         self._model: Model | None = None
         self._gen: Generator | None = None
         self._draft: object = None  # "ngram" or a draft Model, with --speculative
         self._spec_seen = SpeculationStats()  # the generator's counters already exported
+        self._prefix: PrefixCache | None = None
+        self._prefix_seen = PrefixCacheStats()
         self._continuous = True
+        self.scheduler = Scheduler(self.config.max_batch_size, self.config.prefill_chunk,
+                                   self.config.max_step_tokens)
         self._wake = threading.Condition()
-        self._waiting: deque[Ticket] = deque()  # guarded by _wake
-        self._running: list[Ticket] = []  # engine thread only
-        self._rows_running = 0
+        # Guarded by _wake: tickets not yet handed to the scheduler, and what waits in all.
+        self._inbox: deque[Ticket] = deque()
+        self._queued_rows = 0
+        self._queued_tokens = 0
+        self._live: list[Ticket] = []  # engine thread only: tickets the scheduler holds
+        self._slot_seq: dict[int, SeqState] = {}  # engine thread only
         self._stopping = False
         self._drain_deadline = math.inf
         self._ready = threading.Event()
@@ -248,14 +249,26 @@ class Engine:
 
     @property
     def max_choices(self) -> int:
-        """Rows one request may have: with slots, no more than the batch holds."""
-        c = self.config
-        return min(c.max_choices, c.max_batch_size) if self._continuous else c.max_choices
+        """OpenAI's ``n``: rows one prompt may ask for."""
+        return self.config.max_choices
+
+    @property
+    def max_rows(self) -> int:
+        """Rows (prompts x n) one request may have: what the batch and the queue hold."""
+        return self.config.max_queue + self.config.max_batch_size
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self._prefix
 
     def stats(self) -> EngineStats:
         with self._wake:
-            waiting = len(self._waiting)
-        return EngineStats(waiting, len(self._running), self._rows_running, self._free_rows())
+            inbox = len(self._inbox)
+        live = list(self._live)
+        waiting = sum(1 for t in live if any(s.slot is None for s in t.seqs))
+        running = sum(1 for t in live if any(s is not None for s in t.slots))
+        rows = len(self._slot_seq)
+        return EngineStats(inbox + waiting, running, rows, self._free_rows())
 
     # ---- submitting ----------------------------------------------------------------------
 
@@ -263,6 +276,7 @@ class Engine:
                 n: int = 1) -> EngineRequest:
         """An ``EngineRequest`` for one prompt (text or token ids) and ``n`` choices."""
         model = self.model
+        check_choices(n, self.max_choices)
         ids = model.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return EngineRequest.of(ids, params if params is not None else GenerationParams(), n)
 
@@ -272,21 +286,30 @@ class Engine:
 
         Raises:
             InvalidParameterError: a prompt or parameter the model cannot run.
-            QueueFullError: ``max_queue`` requests are already waiting.
+            QueueFullError: the queue holds ``max_queue`` rows or ``max_queued_tokens``
+                prompt tokens already.
             NotReadyError / ShuttingDownError: not loaded yet, or stopping.
         """
         try:
             self._validate(request)
             ticket = Ticket(self, request, push)
+            rows, tokens = len(request.rows), ticket.prompt_tokens
+            c = self.config
             with self._wake:
                 if self._stopping:
                     raise ShuttingDownError("the server is shutting down; retry elsewhere.")
-                if len(self._waiting) >= self.config.max_queue + self._free_rows():
+                free = self._free_rows()
+                if (self._queued_rows + rows > c.max_queue + free
+                        or self._queued_tokens + tokens > c.max_queued_tokens):
                     raise QueueFullError(
-                        f"the server is at capacity ({self.config.max_batch_size} running, "
-                        f"{len(self._waiting)} queued); retry after a moment.")
-                self._waiting.append(ticket)
-                self.metrics.queue_depth.set(len(self._waiting))
+                        f"the server is at capacity ({c.max_batch_size} rows running, "
+                        f"{self._queued_rows} rows and {self._queued_tokens} prompt tokens "
+                        f"queued; at most {c.max_queue} rows and {c.max_queued_tokens} "
+                        "tokens wait); retry after a moment.")
+                self._queued_rows += rows
+                self._queued_tokens += tokens
+                self._inbox.append(ticket)
+                self.metrics.queue_depth.set(self._queued_rows)
                 self._wake.notify()
         except (QueueFullError, NotReadyError, ShuttingDownError) as exc:
             self.metrics.outcome(exc.outcome)
@@ -321,24 +344,35 @@ class Engine:
 
     def _validate(self, request: EngineRequest) -> None:
         model = self.model
-        check_choices(len(request.rows), self.max_choices)
+        if len(request.rows) > self.max_rows:
+            raise InvalidParameterError(
+                "prompt", f"the request has {len(request.rows)} rows (prompts x n); this "
+                f"server queues at most {self.max_rows} per request (--max-queue + "
+                "--max-batch-size). Send fewer prompts per request.")
         for row in request.rows:
             plan_row(row.prompt_ids, row.params, model.context_length,
                      model.manifest.vocab_size)
 
     def _withdraw(self, ticket: Ticket) -> None:
-        """A ticket was cancelled: drop it now if still queued, else wake the engine."""
+        """A ticket was cancelled: drop it now if the engine has not taken it yet, else
+        wake the engine (it frees the rows at its next step boundary)."""
         with self._wake:
-            if ticket in self._waiting:
-                self._waiting.remove(ticket)
-                self.metrics.queue_depth.set(len(self._waiting))
-                self._finish(ticket, None, "cancelled")
+            if ticket in self._inbox:
+                self._inbox.remove(ticket)
+                self._unqueue(len(ticket.request.rows), ticket.prompt_tokens)
+                self.output.finish(ticket, None, "cancelled")
             self._wake.notify()
+
+    def _unqueue(self, rows: int, tokens: int) -> None:
+        """Rows left the queue (admitted, or dropped); call with ``_wake`` held."""
+        self._queued_rows -= rows
+        self._queued_tokens -= tokens
+        self.metrics.queue_depth.set(self._queued_rows)
 
     def _free_rows(self) -> int:
         if self._continuous:
-            return self.config.max_batch_size - self._rows_running
-        return 0 if self._running else self.config.max_choices
+            return self.config.max_batch_size - len(self._slot_seq)
+        return 0 if self._slot_seq else self.config.max_batch_size
 
     # ---- the engine thread ---------------------------------------------------------------
 
@@ -353,8 +387,10 @@ class Engine:
         self._ready.set()
         self._settled.set()
         log.info("engine ready: %s, %s", self._model.folder if self._model else "?",
-                 f"continuous batching over {self.config.max_batch_size} slots"
-                 if self._continuous else "one request at a time")
+                 f"continuous batching over {self.config.max_batch_size} slots, prefill "
+                 f"chunks of {self.config.prefill_chunk} tokens, prefix cache "
+                 f"{self.config.prefix_cache_mb if self._prefix else 0} MB"
+                 if self._continuous else "rows join only an empty batch")
         try:
             while self._round():
                 pass
@@ -368,11 +404,14 @@ class Engine:
     def _load(self) -> None:
         model = self._source if isinstance(self._source, Model) else self._source()
         self._continuous = model.manifest.layout == LAYOUT_FUSED
+        c = self.config
         if not self._continuous:
             log.warning("%s has the standard layout: rows cannot join a running batch, so "
-                        "requests run one at a time. Export with --layout fused for "
-                        "continuous batching.", model.folder)
-        spec = self.config.speculative
+                        "requests start only when the batch is empty. Export with --layout "
+                        "fused for continuous batching.", model.folder)
+            self.scheduler = Scheduler(c.max_batch_size, c.prefill_chunk, c.max_step_tokens,
+                                       joinable=False)
+        spec = c.speculative
         if spec is not None and not self._continuous:
             raise InvalidParameterError(
                 "speculative", f"--speculative needs a fused model folder; {model.folder} has "
@@ -393,18 +432,21 @@ class Engine:
         elif spec == NGRAM:
             self._draft = NGRAM
         self._model = model
+        if self._continuous and c.prefix_cache_mb and model.provider == "cpu":
+            self._prefix = PrefixCache(c.prefix_block_tokens, c.prefix_cache_mb << 20)
         self._gen = self._new_generator()
-        if self.config.warmup:
+        if c.warmup:
             self._warm_up()
 
     def _new_generator(self) -> Generator | None:
         assert self._model is not None
         if not self._continuous:
-            return None  # one Generator per request, made at admission
+            return None  # one Generator per batch, made at admission
         return self._model.generator([], GenerationParams(),
                                      batch_size=self.config.max_batch_size, draft=self._draft,
                                      num_draft_tokens=self.config.num_draft_tokens,
-                                     speculative_max_batch=self.config.speculative_max_batch)
+                                     speculative_max_batch=self.config.speculative_max_batch,
+                                     prefix_cache=self._prefix)
 
     def _warm_up(self) -> None:
         """Short generations through the path requests take, at one row and at every slot:
@@ -422,6 +464,7 @@ class Engine:
         if self._gen is None:
             self._model.generate(prompts[0], params)
             return
+        self._gen.prefix_cache = None  # the prompts share pads: they would hit it
         for rows in sorted({1, self.config.max_batch_size}):
             if self._draft is not None and rows <= self.config.speculative_max_batch:
                 # Enough tokens for a verification run and the draft's own runs.
@@ -432,139 +475,144 @@ class Engine:
                 self._gen.generate_next_token()
             for slot in slots:
                 self._gen.release(slot)
+        self._gen.prefix_cache = self._prefix
+
+    def _busy(self) -> bool:
+        s = self.scheduler
+        return bool(self._inbox or s.waiting or s.prefilling or s.running)
 
     def _round(self) -> bool:
-        """One step boundary and one decode step; False when the engine should exit."""
+        """One step: retire, admit, prompt chunks, one decode step; False when the engine
+        should exit."""
         self._retire_stale()
-        self.metrics.running_batch_size.set(self._rows_running)  # before a possible idle wait
+        self.metrics.running_batch_size.set(len(self._slot_seq))  # before an idle wait
         with self._wake:
-            while not (self._waiting or self._running or self._stopping):
+            while not (self._busy() or self._stopping):
                 self._wake.wait()
-            if self._stopping and (not (self._waiting or self._running)
+            if self._stopping and (not self._busy()
                                    or time.perf_counter() >= self._drain_deadline):
                 return False
-            self._expire_waiting()
-        self._admit_waiting()
-        if self._gen is not None and not self._gen.is_done():
-            self._step()
-        self.metrics.running_batch_size.set(self._rows_running)
+            inbox, self._inbox = list(self._inbox), deque()
+        for t in inbox:
+            t.seqs = [SeqState(t, i, len(r.prompt_ids)) for i, r in enumerate(t.request.rows)]
+            self._live.append(t)
+            self.scheduler.enqueue(t.seqs)
+        self._admit()
+        self._prefill()
+        gen = self._gen
+        if gen is not None and not gen.is_done():
+            self._decode()
+        self.metrics.running_batch_size.set(len(self._slot_seq))
         return True
 
     def _retire_stale(self) -> None:
         now = time.perf_counter()
-        for t in list(self._running):
+        for t in list(self._live):
             if t.cancelled:
                 self._retire(t, None, "cancelled")
             elif now >= t.deadline:
                 self._retire(t, _timeout_error(t), "timeout")
 
-    def _expire_waiting(self) -> None:
-        now = time.perf_counter()
-        for t in [t for t in self._waiting if now >= t.deadline]:
-            self._waiting.remove(t)
-            self._finish(t, _timeout_error(t), "timeout")
-
-    def _admit_waiting(self) -> None:
-        """Prefill queued requests at this step boundary. Requests that arrive while a
-        prefill runs go in right after it, in the same boundary, as long as the budget
-        lasts: otherwise each would wait a whole decode step more for its first token."""
-        budget = self.config.prefill_budget if self._running else math.inf
-        first = True
-        while True:
-            with self._wake:
-                if not first:  # time went by in the last prefill
-                    self._expire_waiting()
-                incoming, budget = self._take_admissible(budget, first)
-                self.metrics.queue_depth.set(len(self._waiting))
-            if not incoming:
-                return
-            self._admit(incoming)
-            first = False
-            if not self._continuous:
-                return
-            # Rows are running now: later passes of this boundary keep to the budget.
-            budget = min(budget, self.config.prefill_budget)
-
-    def _take_admissible(self, budget: float, first: bool) -> tuple[list[Ticket], float]:
-        """Queued requests, oldest first, while their rows fit the free slots and their
-        prompts the prefill ``budget`` (tokens); returns them and what is left of it. On a
-        boundary's first pass the head of the queue always goes in (budget or not), so a
-        long prompt or a request with many choices is not starved by small ones."""
-        free = self._free_rows()
-        taken: list[Ticket] = []
-        while self._waiting:
-            rows = self._waiting[0].request.rows
-            cost = self._prefill_cost(rows)
-            if len(rows) > free or ((taken or not first) and cost > budget):
-                break
-            taken.append(self._waiting.popleft())
-            free -= len(rows)
-            budget -= cost
-            if not self._continuous:
-                break
-        return taken, budget
-
-    def _prefill_cost(self, rows: Sequence[Any]) -> int:
-        """Prompt tokens a request's rows prefill: repeated prompts (``n`` > 1) run once
-        where the cache copies slots."""
-        if self._gen is not None and self._gen.cache.supports_slot_copy:
-            return sum(len(p) for p in {tuple(r.prompt_ids) for r in rows})
-        return sum(len(r.prompt_ids) for r in rows)
-
-    def _admit(self, tickets: list[Ticket]) -> None:
-        """Prefill every row of the incoming requests into free slots (rows in adjacent
-        slots share one run); each row gets its first token."""
-        if not tickets:
+    def _admit(self) -> None:
+        """Free slots go to the oldest waiting rows; each reserves its slot (copying a
+        stored prefix of its prompt in)."""
+        if self._continuous:
+            assert self._gen is not None
+            free = [s for s in self._gen.free_slots if s not in self._slot_seq]
+        else:
+            free = [] if self._slot_seq else list(range(self.config.max_batch_size))
+        seqs = self.scheduler.admit(free)
+        if not seqs:
             return
-        assert self._model is not None
-        specs = [spec for t in tickets for spec in t.request.rows]
-        self._running += tickets
-        try:
+        with self._wake:
+            self._unqueue(len(seqs), sum(s.prompt_tokens for s in seqs))
+        if not self._continuous:
+            assert self._model is not None
+            rows = [s.owner.request.rows[s.index] for s in seqs]
+            self._gen = self._model.generator([r.prompt_ids for r in rows],
+                                              [r.params for r in rows])
+            for k, seq in enumerate(seqs):
+                seq.slot, seq.left = k, len(rows[k].prompt_ids)
+        for seq in seqs:
+            ticket = seq.owner
+            assert isinstance(ticket, Ticket) and seq.slot is not None
+            row = ticket.request.rows[seq.index]
             if self._continuous:
                 assert self._gen is not None
-                slots = iter(self._gen.add_rows([r.prompt_ids for r in specs],
-                                                [r.params for r in specs]))
-                for t in tickets:
-                    t.slots = [next(slots) for _ in t.request.rows]
-                self._rows_running += len(specs)
-            else:  # one request at a time: its rows are the whole batch
-                (ticket,) = tickets
-                self._gen = self._model.generator([r.prompt_ids for r in specs],
-                                                  [r.params for r in specs])
-                ticket.slots = list(range(len(specs)))
-                self._rows_running += len(specs)
-                self._gen.generate_next_token()  # the batch's prefill: every first token
-        except Exception as exc:
-            # Requests were validated at submit: what fails here is the model run.
-            log.exception("prefill failed for %d request(s)", len(tickets))
-            error = ModelRunError(f"the model run failed: {exc}")
-            for t in tickets:
-                self._retire(t, error, "error")
-            if not self._continuous:
-                self._gen = None
+                self._gen.reserve(row.prompt_ids, row.params, seq.slot)
+            ticket.slots[seq.index] = seq.slot
+            self._slot_seq[seq.slot] = seq
+        self._count_prefix()
+
+    def _prefill(self) -> None:
+        """Run this step's prompt chunks."""
+        gen, sched = self._gen, self.scheduler
+        if gen is None or not sched.prefilling:
             return
-        self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in specs))
-        for t in tickets:
+        if self._continuous:
+            for seq in sched.prefilling:  # a copy whose original left prefills on its own
+                assert seq.slot is not None
+                seq.left = gen.prompt_left(seq.slot)
+        plan = sched.plan()
+        if not plan.chunks:
+            return
+        left = sum(s.left for s, _ in plan.chunks)
+        hits = self._prefix.stats.hits if self._prefix is not None else 0
+        try:
+            if self._continuous:
+                done = gen.prefill([(s.slot, n) for s, n in plan.chunks])
+            else:
+                gen.generate_next_token()  # the batch's first run: every prompt
+                done = [s.slot for s in sched.prefilling]
+        except Exception as exc:
+            # Requests were validated at submit: what fails here is the model run. Only the
+            # requests with rows in the failed chunks fail; decoding rows are untouched.
+            log.exception("prefill failed for %d row(s)", len(plan.chunks))
+            error = ModelRunError(f"the model run failed: {exc}")
+            hit = {s.owner for s in sched.prefilling
+                   if s.slot is not None and (not self._continuous or gen.rows[s.slot] is None)}
+            for t in hit:
+                assert isinstance(t, Ticket)
+                self._retire(t, error, "error")
+            return
+        sched.ran(plan)
+        # Tokens that ran: what the chunks took off the prompts, less blocks a row found
+        # stored only now (prefilled by a row of the same burst).
+        after = sum(gen.prompt_left(s.slot) for s, _ in plan.chunks
+                    if self._continuous and s.slot is not None)
+        if self._prefix is not None:
+            hits = self._prefix.stats.hits - hits
+            self._count_prefix()
+        m = self.metrics
+        m.prefill_chunks.inc(len(plan.chunks))
+        m.prompt_tokens.inc(left - after - hits)
+        m.step_tokens.observe(plan.tokens)
+        m.step_budget_used.observe(min(1.0, plan.tokens / plan.budget))
+        owners: dict[Ticket, None] = {}
+        for slot in done:
+            seq = self._slot_seq[slot]
+            sched.started(seq)
+            owners[seq.owner] = None  # type: ignore[index]
+        for t in owners:
             self._emit(t)
 
-    def _step(self) -> None:
-        assert self._gen is not None
+    def _decode(self) -> None:
+        gen = self._gen
+        assert gen is not None
         try:
-            self._gen.generate_next_token()
+            gen.generate_next_token()
         except Exception as exc:
-            # Every running row shared that run: fail them all, keep serving with a fresh
-            # generator (the cache buffers are reused; lengths restart at 0).
-            log.exception("decode step failed; failing %d request(s)", len(self._running))
+            # The decoding rows shared that run: fail their requests. Rows still prefilling
+            # are untouched, and the generator keeps serving (its lengths did not move).
+            log.exception("decode step failed; failing %d row(s)", len(self.scheduler.running))
             error = ModelRunError(f"the model run failed: {exc}")
-            for t in list(self._running):
+            for t in {s.owner: None for s in self.scheduler.running}:
+                assert isinstance(t, Ticket)
                 self._retire(t, error, "error")
-            if self._gen is not None:
-                self._gen.close()  # its cache goes back to the pool for the new generator
-            self._gen = self._new_generator()
-            self._spec_seen = SpeculationStats()
             return
         self._count_speculation()
-        for t in list(self._running):
+        for t in {s.owner: None for s in self.scheduler.running}:
+            assert isinstance(t, Ticket)
             self._emit(t)
 
     def _count_speculation(self) -> None:
@@ -580,80 +628,62 @@ class Engine:
         m.spec_emitted_tokens.inc(now.emitted - seen.emitted)
         self._spec_seen = SpeculationStats(now.rounds, now.proposed, now.accepted, now.emitted)
 
+    def _count_prefix(self) -> None:
+        if self._prefix is None:
+            return
+        now, seen, m = self._prefix.stats, self._prefix_seen, self.metrics
+        m.prefix_queried_tokens.inc(now.queries - seen.queries)
+        m.prefix_hit_tokens.inc(now.hits - seen.hits)
+        m.prefix_cache_bytes.set(self._prefix.bytes)
+        self._prefix_seen = PrefixCacheStats(**vars(now))
+
     def _emit(self, ticket: Ticket) -> None:
-        """Hand a request what its rows produced since the last call; free the slots of
-        rows that finished."""
         gen = self._gen
         assert gen is not None
-        now = time.perf_counter()
-        deltas: list[ChoiceDelta] = []
-        for index, slot in enumerate(ticket.slots):
-            if slot is None:
-                continue
-            row = gen.rows[slot]
-            assert row is not None
-            start = ticket.sent[index]
-            new = row.token_ids[start:]
-            if not new and not row.done:
-                continue
-            first = ticket.first_token_at[index]
-            deltas.append(ChoiceDelta(index, gen.stream_text(slot), list(new),
-                                      row.logprobs[start:], row.finish_reason,
-                                      row.prompt_logprobs if first is None else None))
-            ticket.sent[index] = len(row.token_ids)
-            self.metrics.generation_tokens.inc(len(new))
-            if first is None:
-                ticket.first_token_at[index] = first = now
-                self.metrics.time_to_first_token.observe(now - ticket.submitted)
-            if row.done:
-                if len(row.token_ids) > 1:
-                    self.metrics.time_per_output_token.observe(
-                        (now - first) / (len(row.token_ids) - 1))
-                gen.release(slot)
-                ticket.slots[index] = None
-                self._rows_running -= 1
-        if deltas:
-            self._push(ticket, deltas)
-        if all(s is None for s in ticket.slots):
-            self._running.remove(ticket)
-            self._finish(ticket, DONE, "success")
+        if self.output.emit(ticket, gen, self._leave):
+            self._live.remove(ticket)
+
+    def _leave(self, ticket: Ticket, index: int, slot: int) -> None:
+        """A row is done: its slot goes back to the generator and the scheduler."""
+        seq = self._slot_seq.pop(slot)
+        self.scheduler.finished(seq)
+        if self._continuous:
+            assert self._gen is not None
+            self._gen.release(slot)
+        elif not self._slot_seq:
+            self._gen = None  # the batch is over: the next one gets a generator of its own
 
     def _retire(self, ticket: Ticket, error: BaseException | None, outcome: str) -> None:
-        """Take a running request out of the batch now, freeing its slots."""
+        """Take a request out now: its rows leave the batch and the queue."""
+        waiting = [s for s in ticket.seqs if s.slot is None]
+        if waiting:
+            with self._wake:
+                self._unqueue(len(waiting), sum(s.prompt_tokens for s in waiting))
+        self.scheduler.drop(ticket)
         for index, slot in enumerate(ticket.slots):
-            if slot is not None and self._gen is not None:
-                self._gen.release(slot)
+            if slot is not None:
                 ticket.slots[index] = None
-                self._rows_running -= 1
-        if ticket in self._running:
-            self._running.remove(ticket)
-        self._finish(ticket, error, outcome)
-
-    def _finish(self, ticket: Ticket, last: Any, outcome: str) -> None:
-        """The ticket's final push (DONE or an error; nothing for a cancellation)."""
-        if ticket.finished:
-            return
-        ticket.finished = True
-        self.metrics.outcome(outcome)
-        if last is not None:
-            self._push(ticket, last)
-
-    def _push(self, ticket: Ticket, item: Any) -> None:
-        try:
-            ticket.push(item)
-        except RuntimeError:  # the caller's event loop is gone: nobody reads this any more
-            ticket.cancelled = True
+                self._slot_seq.pop(slot, None)
+                if self._continuous and self._gen is not None:
+                    self._gen.release(slot)
+        if not self._continuous and not self._slot_seq:
+            self._gen = None
+        if ticket in self._live:
+            self._live.remove(ticket)
+        self.output.finish(ticket, error, outcome)
 
     def _fail_leftovers(self) -> None:
         """On the engine thread's way out (or when it never started)."""
         error = ShuttingDownError("the server shut down before this request finished.")
         with self._wake:
-            waiting, self._waiting = list(self._waiting), deque()
+            inbox, self._inbox = list(self._inbox), deque()
+            self._queued_rows = self._queued_tokens = 0
             self.metrics.queue_depth.set(0)
-        for t in waiting + list(self._running):
-            self._finish(t, error, "unavailable")
-        self._running.clear()
-        self._rows_running = 0
+        for t in inbox + list(self._live):
+            self.output.finish(t, error, "unavailable")
+        self._live.clear()
+        self.scheduler.clear()
+        self._slot_seq.clear()
         self.metrics.running_batch_size.set(0)
 
 

@@ -16,6 +16,7 @@ OUTCOMES = ("success", "bad_request", "unauthorized", "too_large", "rejected", "
             "timeout", "error", "unavailable")
 # Seconds; a tiny model on a CPU answers in milliseconds, gpt2 on a busy CPU in seconds.
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+STEP_TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
@@ -35,7 +36,7 @@ class ServeMetrics:
         self.generation_tokens = Counter("gpt2onnx_generation_tokens",
                                          "Tokens generated", registry=r)
         self.queue_depth = Gauge("gpt2onnx_queue_depth",
-                                 "Requests waiting for a cache slot", registry=r)
+                                 "Rows (choices) waiting for a cache slot", registry=r)
         self.running_batch_size = Gauge("gpt2onnx_running_batch_size",
                                         "Rows in the running batch", registry=r)
         self.time_to_first_token = Histogram(
@@ -59,6 +60,25 @@ class ServeMetrics:
             "gpt2onnx_spec_emitted_tokens",
             "Tokens produced by verifications (accepted drafts plus the model's own)",
             registry=r)
+
+        # The scheduler: prompt chunks, each step's tokens against its budget, and prefix
+        # caching (hit rate = hit tokens / queried tokens; hit tokens were not prefilled).
+        self.prefill_chunks = Counter("gpt2onnx_prefill_chunks",
+                                      "Prompt chunks run (one per row and step)", registry=r)
+        self.step_tokens = Histogram("gpt2onnx_step_tokens",
+                                     "Tokens a step with prompt chunks ran (prompt + decode)",
+                                     buckets=STEP_TOKEN_BUCKETS, registry=r)
+        self.step_budget_used = Histogram(
+            "gpt2onnx_step_budget_used", "Share of the step's token budget used, for steps "
+            "with prompt chunks", buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
+        self.prefix_queried_tokens = Counter(
+            "gpt2onnx_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
+            "cache", registry=r)
+        self.prefix_hit_tokens = Counter(
+            "gpt2onnx_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix "
+            "cache (prefill saved)", registry=r)
+        self.prefix_cache_bytes = Gauge("gpt2onnx_prefix_cache_bytes",
+                                        "Host memory held by stored prompt blocks", registry=r)
 
     def outcome(self, name: str) -> None:
         self.requests.labels(name).inc()

@@ -53,8 +53,8 @@ class CompletionCall:
     prompt_logprobs: int | None = None  # vLLM's field: per-choice prompt_logprobs
 
 
-def parse_completion(body: bytes, model: Model, served_name: str, max_choices: int
-                     ) -> CompletionCall:
+def parse_completion(body: bytes, model: Model, served_name: str, max_choices: int,
+                     max_rows: int | None = None) -> CompletionCall:
     """Validate a request body into a ``CompletionCall``.
 
     Raises:
@@ -95,10 +95,11 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
                                               "prompt_logprobs)"),
             "echo" if echo else "prompt_logprobs", "unsupported")
     prompts = _prompts(data)
-    if len(prompts) * n > max_choices:
+    limit = max_rows if max_rows is not None else max_choices
+    if len(prompts) * n > limit:
         raise BadRequestError(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} "
-                              f"choices; this server allows {max_choices} per request. Send "
-                              "fewer prompts per request.", "prompt")
+                              f"choices; this server queues at most {limit} per request. "
+                              "Send fewer prompts per request.", "prompt")
     rows: list[RowSpec] = []
     texts: list[str] = []
     for prompt in prompts:

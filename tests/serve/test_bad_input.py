@@ -82,7 +82,8 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any] | None]] = [
     ("n above its limit", {"prompt": "Hi", "n": 9}, "n", None),
     ("n 0", {"prompt": "Hi", "n": 0}, "n", None),
     ("n a string", {"prompt": "Hi", "n": "2"}, "n", None),
-    ("prompts x n above the limit", {"prompt": ["a", "b", "c"], "n": 3}, "prompt", None),
+    # module_engine: 8 slots + 256 queued rows per request at most
+    ("prompts x n above the limit", {"prompt": ["a"] * 133, "n": 2}, "prompt", None),
     ("logprobs above its limit", {"prompt": "Hi", "logprobs": 21}, "logprobs",
      {"logprobs": 21}),
     ("logprobs a string", {"prompt": "Hi", "logprobs": "2"}, "logprobs", {"logprobs": "2"}),

@@ -248,50 +248,6 @@ def test_warm_up_runs_one_row_and_every_slot_then_frees_them(
         "After the warm-up", 9, **GREEDY)
 
 
-@pytest.mark.parametrize(("budget", "order"), [
-    (512, ["prefill", "prefill", "step"]),  # the late arrival joins this boundary
-    (1, ["prefill", "step", "prefill"]),  # over budget: it waits for the next one
-])
-def test_arrival_during_a_prefill_joins_the_same_boundary_within_budget(
-        make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch,
-        greedy_text: Callable[..., str], budget: int, order: list[str]) -> None:
-    engine = make_engine(max_batch_size=4, prefill_budget=budget)
-    calls: list[str] = []
-    late: list = []
-    add_rows, step = Generator.add_rows, Generator.generate_next_token
-
-    def spy_add(self: Generator, prompts: list, params: list) -> list[int]:
-        calls.append("prefill")
-        if not late:  # a client arrives while the first prefill runs
-            late.append(engine.stream_sync(engine.request(
-                "Late arrival", GenerationParams(max_new_tokens=4, **GREEDY))))
-        return add_rows(self, prompts, params)
-
-    def spy_step(self: Generator) -> np.ndarray:
-        calls.append("step")
-        return step(self)
-
-    monkeypatch.setattr(Generator, "add_rows", spy_add)
-    monkeypatch.setattr(Generator, "generate_next_token", spy_step)
-    first = engine.complete_sync(engine.request("First", GenerationParams(max_new_tokens=4,
-                                                                           **GREEDY)))
-    with late[0] as stream:
-        text = "".join(d.text for deltas in stream for d in deltas)
-    assert calls[:3] == order
-    assert first.choices[0].text == greedy_text("First", 4, **GREEDY)
-    assert text == greedy_text("Late arrival", 4, **GREEDY)
-
-
-def test_prefill_budget_charges_a_repeated_prompt_once(module_engine: Engine) -> None:
-    """n choices of one prompt are prefilled once (slot copies), so the budget counts the
-    prompt once: a request with n=4 does not wait a step it does not need."""
-    ids = module_engine.model.encode("Hello there")
-    request = module_engine.request(ids, GenerationParams(max_new_tokens=2), n=4)
-    assert module_engine._prefill_cost(request.rows) == len(ids)
-    two = module_engine.request(ids, GenerationParams(max_new_tokens=2), n=1)
-    assert module_engine._prefill_cost(two.rows + request.rows) == len(ids)
-
-
 def test_long_lived_engine_holds_constant_memory_over_10000_requests(
         make_engine: Callable[..., Engine]) -> None:
     """The server's one generator lives as long as the server: what it (and the engine)

@@ -250,11 +250,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def test_cli_prefill_budget_is_passed_and_checked(tiny_fused: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("flag", "field", "low"), [
+    ("--prefill-chunk", "prefill_chunk", 1), ("--max-step-tokens", "max_step_tokens", 1),
+    ("--prefix-block-tokens", "prefix_block_tokens", 1),
+    ("--max-queued-tokens", "max_queued_tokens", 1), ("--prefix-cache-mb", "prefix_cache_mb", 0),
+])
+def test_cli_scheduler_flags_are_passed_and_checked(tiny_fused: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    flag: str, field: str, low: int) -> None:
     from gpt2onnx.serve.__main__ import main, parse_args
 
-    assert parse_args([str(tiny_fused), "--prefill-budget", "64"]).prefill_budget == 64
-    assert main([str(tiny_fused), "--prefill-budget", "0"]) == 2  # before binding a port
+    assert getattr(parse_args([str(tiny_fused), flag, "64"]), field.replace("-", "_")) == 64
+    assert main([str(tiny_fused), flag, str(low - 1)]) == 2  # before binding a port
     err = capsys.readouterr().err
-    assert "prefill_budget" in err and ">= 1" in err and "got 0" in err
+    assert field in err and f">= {low}" in err and f"got {low - 1}" in err

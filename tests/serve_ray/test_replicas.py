@@ -118,7 +118,7 @@ BAD_REQUESTS: list[dict[str, Any] | bytes] = [
     {"prompt": "Hi", "max_tokens": -1},
     {"prompt": "Hi", "temperature": -1},
     {"prompt": "Hi", "top_p": 1.5},
-    {"prompt": "Hi", "n": BATCH + 1},
+    {"prompt": "Hi", "n": EngineConfig().max_choices + 1},
     {"max_tokens": 4},
     {"prompt": "Hi", "model": "not-this-one"},
     {"prompt": "word " * 200, "max_tokens": 4},

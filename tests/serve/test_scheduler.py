@@ -1,0 +1,156 @@
+"""The scheduler on its own (no model, no threads): slots in arrival order, the per-step
+token budget, chunking, fairness and the standard layout's empty-batch rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpt2onnx.errors import InvalidParameterError
+from gpt2onnx.serve.scheduler import Scheduler, SeqState
+
+
+def seqs(owner: str, *prompts: int) -> list[SeqState]:
+    return [SeqState(owner, i, n) for i, n in enumerate(prompts)]
+
+
+def admit(s: Scheduler, free: list[int]) -> list[SeqState]:
+    """Admit into ``free`` and, as the engine does, set each row's prompt left to run."""
+    taken = s.admit(free)
+    for seq in taken:
+        seq.left = seq.prompt_tokens
+    return taken
+
+
+def step(s: Scheduler) -> list[tuple[str, int, int]]:
+    """Plan and run one step; rows whose prompt is whole start decoding."""
+    plan = s.plan()
+    s.ran(plan)
+    for seq, _ in plan.chunks:
+        if seq.left == 0:
+            s.started(seq)
+    return [(seq.owner, seq.index, n) for seq, n in plan.chunks]
+
+
+def test_rows_take_free_slots_oldest_first_and_a_big_request_starts_row_by_row() -> None:
+    s = Scheduler(slots=4, chunk_tokens=32, idle_tokens=512)
+    s.enqueue(seqs("big", *[5] * 6))
+    s.enqueue(seqs("late", 5))
+    first = admit(s, [0, 1, 2, 3])
+    assert [(q.owner, q.index, q.slot) for q in first] == [("big", i, i) for i in range(4)]
+    assert [q.owner for q in s.waiting] == ["big", "big", "late"]
+    assert admit(s, []) == []
+    step(s)  # all four prompts fit the idle budget
+    s.finished(first[1])
+    later = admit(s, [1])
+    assert [(q.owner, q.index, q.slot) for q in later] == [("big", 4, 1)]  # not "late"
+
+
+def test_idle_steps_take_the_big_budget_and_decoding_steps_one_chunk() -> None:
+    s = Scheduler(slots=4, chunk_tokens=32, idle_tokens=100)
+    s.enqueue(seqs("a", 70, 70))
+    admit(s, [0, 1])
+    assert step(s) == [("a", 0, 70), ("a", 1, 30)]  # nothing decodes: 100 tokens
+    assert [q.index for q in s.running] == [0]
+    plan = s.plan()  # row 0 decodes now: one chunk of at most 32
+    assert [(q.index, n) for q, n in plan.chunks] == [(1, 32)]
+    assert plan.decode_rows == 1 and plan.tokens == 33 and plan.budget == 33
+    s.ran(plan)
+    assert step(s) == [("a", 1, 8)]
+    assert not s.prefilling and len(s.running) == 2
+
+
+def test_a_long_prompt_is_chunked_and_never_stalls_decoding_rows_more_than_a_chunk() -> None:
+    s = Scheduler(slots=16, chunk_tokens=32, idle_tokens=2048)
+    s.enqueue(seqs("short", *[10] * 15))
+    admit(s, list(range(15)))
+    step(s)
+    assert len(s.running) == 15
+    s.enqueue(seqs("long", 900))
+    admit(s, [15])
+    steps = 0
+    while s.prefilling:
+        plan = s.plan()
+        assert plan.prefill_tokens <= 32 and plan.decode_rows == 15
+        step(s)
+        steps += 1
+    assert steps == 29  # ceil(900 / 32)
+
+
+def test_the_oldest_prefilling_row_always_progresses_and_later_ones_share_what_is_left() -> None:
+    s = Scheduler(slots=8, chunk_tokens=32, idle_tokens=32)
+    s.enqueue(seqs("old", 100))
+    s.enqueue(seqs("new", 4, 4))
+    admit(s, [0, 1, 2])
+    # The long prompt goes first every step; the short ones get only what it leaves.
+    assert step(s) == [("old", 0, 32)]
+    assert step(s) == [("old", 0, 32)]
+    assert step(s) == [("old", 0, 32)]
+    assert step(s) == [("old", 0, 4), ("new", 0, 4), ("new", 1, 4)]
+    assert not s.prefilling
+
+
+def test_many_short_prompts_never_starve_a_long_one() -> None:
+    """A stream of small requests keeps arriving; the long prompt admitted before them
+    still finishes its prefill in ceil(len / chunk) steps."""
+    s = Scheduler(slots=4, chunk_tokens=16, idle_tokens=16)
+    s.enqueue(seqs("long", 64))
+    admit(s, [0])
+    done_at = None
+    for t in range(20):
+        s.enqueue(seqs(f"s{t}", 3))
+        for seq in admit(s, [k for k in range(1, 4)
+                             if all(q.slot != k for q in s.prefilling + s.running)]):
+            assert seq.slot != 0
+        step(s)
+        for seq in list(s.running):
+            if seq.owner != "long":
+                s.finished(seq)  # short rows end at once
+        if done_at is None and any(q.owner == "long" for q in s.running):
+            done_at = t
+    assert done_at == 3
+
+
+def test_rows_with_nothing_left_get_no_chunk() -> None:
+    s = Scheduler(slots=2, chunk_tokens=8, idle_tokens=8)
+    s.enqueue(seqs("n", 5, 5))
+    _, b = admit(s, [0, 1])
+    b.left = 0  # it will copy row a's slot (identical prompt)
+    assert [(q.index, n) for q, n in s.plan().chunks] == [(0, 5)]
+
+
+def test_standard_layout_admits_only_into_an_empty_batch_and_runs_prompts_whole() -> None:
+    s = Scheduler(slots=2, chunk_tokens=4, idle_tokens=4, joinable=False)
+    s.enqueue(seqs("a", 10, 12))
+    s.enqueue(seqs("b", 3))
+    batch = admit(s, [0, 1])
+    assert [q.owner for q in batch] == ["a", "a"]
+    assert admit(s, [0, 1]) == []  # the batch is not empty
+    plan = s.plan()
+    assert [(q.index, n) for q, n in plan.chunks] == [(0, 10), (1, 12)]  # whole, no chunks
+    s.ran(plan)
+    for q in batch:
+        s.started(q)
+    s.finished(batch[0])
+    assert admit(s, [0, 1]) == []  # one row still runs
+    s.finished(batch[1])
+    assert [q.owner for q in admit(s, [0, 1])] == ["b"]
+
+
+def test_drop_forgets_waiting_and_admitted_rows_of_one_request() -> None:
+    s = Scheduler(slots=2, chunk_tokens=8, idle_tokens=8)
+    s.enqueue(seqs("x", 3, 3, 3))
+    s.enqueue(seqs("y", 3))
+    admit(s, [0, 1])
+    held = s.drop("x")
+    assert sorted(q.slot for q in held) == [0, 1]
+    assert [q.owner for q in s.waiting] == ["y"] and not s.prefilling
+    assert s.clear() == [] and not s.waiting
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"slots": 0}, "max_batch_size"), ({"slots": 2, "chunk_tokens": 0}, "prefill_chunk"),
+    ({"slots": 2, "idle_tokens": -1}, "max_step_tokens"), ({"slots": True}, "max_batch_size"),
+])
+def test_bad_budgets_are_refused_by_name(kwargs: dict, name: str) -> None:
+    with pytest.raises(InvalidParameterError, match=name):
+        Scheduler(**kwargs)
