@@ -51,6 +51,7 @@ import lm_eval
 from lm_eval.tasks import TaskManager
 
 backend, model_args, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+batch_size = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 payloads = []
 post = requests.post
 
@@ -64,7 +65,7 @@ try:
 except TypeError:  # older lm-eval: no include_defaults
     manager = TaskManager(include_path=".")
 res = lm_eval.simple_evaluate(model=backend, model_args=model_args, tasks=TASKS,
-                              task_manager=manager, batch_size=1, log_samples=True,
+                              task_manager=manager, batch_size=batch_size, log_samples=True,
                               bootstrap_iters=0)
 samples = {task: sorted(({"doc_id": s["doc_id"], "resps": s["resps"]} for s in rows),
                         key=lambda s: s["doc_id"])
@@ -88,12 +89,12 @@ def healthy(url: str) -> bool:
         return False
 
 
-def start_lm_eval(backend: str, model_args: dict[str, Any], out: Path, env: dict[str, str]
-                  ) -> subprocess.Popen[str]:
+def start_lm_eval(backend: str, model_args: dict[str, Any], out: Path, env: dict[str, str],
+                  batch_size: int = 1) -> subprocess.Popen[str]:
     script = f"TASKS = {TASKS!r}\n{RUNNER}"
     return subprocess.Popen([sys.executable, "-c", script, backend, json.dumps(model_args),
-                             str(out)], cwd=TASKS_DIR, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             str(out), str(batch_size)], cwd=TASKS_DIR, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen[str], out: Path, what: str) -> dict[str, Any]:
@@ -126,7 +127,7 @@ def test_local_completions_matches_hf_backend(tiny_checkpoint: Path, tiny_fused:
     server = subprocess.Popen([sys.executable, "-m", "gpt2onnx.serve", str(tiny_fused),
                                "--port", str(port), "--served-model-name", SERVED_NAME,
                                "--log-level", "warning"])
-    hf = api = None
+    hf = api = batched = None
     try:
         hf = start_lm_eval("hf", {"pretrained": str(tiny_checkpoint), "device": "cpu",
                                   "dtype": "float32", "max_length": CONTEXT - 2},
@@ -138,9 +139,17 @@ def test_local_completions_matches_hf_backend(tiny_checkpoint: Path, tiny_fused:
             "max_length": CONTEXT, "num_concurrent": 1, "max_retries": 1},
             tmp_path / "api.json", env)
         ours = finish(api, tmp_path / "api.json", "local-completions")
+        # --batch_size 16: 16 prompts per request, more than the server's default slots
+        # leave free when others run; they queue row by row (issue 14).
+        batched = start_lm_eval("local-completions", {
+            "model": SERVED_NAME, "base_url": f"{url}/v1/completions",
+            "tokenizer": str(tiny_checkpoint), "tokenizer_backend": "huggingface",
+            "max_length": CONTEXT, "num_concurrent": 1, "max_retries": 1},
+            tmp_path / "batched.json", env, batch_size=16)
+        in_batches = finish(batched, tmp_path / "batched.json", "local-completions batch 16")
         ref = finish(hf, tmp_path / "hf.json", "hf")
     finally:
-        for proc in (api, hf, server):
+        for proc in (api, batched, hf, server):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -156,10 +165,14 @@ def test_local_completions_matches_hf_backend(tiny_checkpoint: Path, tiny_fused:
     # The long text's first window fills the context: 127 prompt tokens + 1 generated.
     assert max(len(body["prompt"][0]) for body in payloads) == CONTEXT - 1
 
-    # Every request's loglikelihood (and is_greedy), not just the aggregates.
+    assert max(len(body["prompt"]) for body in in_batches["payloads"]) == 16
+    # Every request's loglikelihood (and is_greedy), not just the aggregates; batch 1 and
+    # batch 16 alike.
     for task in TASKS:
         assert len(ours["samples"][task]) == len(ref["samples"][task]) > 0
-        for mine, theirs in zip(ours["samples"][task], ref["samples"][task], strict=True):
+        for mine, theirs in [*zip(ours["samples"][task], ref["samples"][task], strict=True),
+                             *zip(in_batches["samples"][task], ref["samples"][task],
+                                  strict=True)]:
             assert mine["doc_id"] == theirs["doc_id"]
             got, want = scores(mine["resps"]), scores(theirs["resps"])
             assert len(got) == len(want)
@@ -171,8 +184,8 @@ def test_local_completions_matches_hf_backend(tiny_checkpoint: Path, tiny_fused:
     metrics = {"gpt2onnx_mc": ["acc", "acc_norm"],
                "gpt2onnx_rolling": ["word_perplexity", "byte_perplexity", "bits_per_byte"]}
     for task, names in metrics.items():
-        for name in names:
-            got, want = ours["results"][task][f"{name},none"], ref["results"][task][f"{name},none"]
+        for name, run in [(n, r) for n in names for r in (ours, in_batches)]:
+            got, want = run["results"][task][f"{name},none"], ref["results"][task][f"{name},none"]
             if name.startswith("acc"):
                 assert got == want, (task, name, got, want)
             else:
