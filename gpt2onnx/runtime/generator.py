@@ -96,6 +96,7 @@ class _Prefill:
     computed: int = 0  # prompt tokens in the cache
     leader: int | None = None  # the slot with the identical prompt this row will copy
     cached: int = 0  # of ``computed``, tokens copied from the prefix cache
+    looked: bool = False  # the prefix cache was asked for this row
 
 
 @dataclass
@@ -298,17 +299,19 @@ class Generator:
                                    "finished rows first")
             # Rows with a prompt of their own take the lowest free slots (adjacent ones
             # share a run); repeats follow them and get copies.
-            first: dict[tuple, int] = {}
-            for k, r in enumerate(rows):
-                first.setdefault((tuple(r.prompt_ids), _keep(r)), k)
-            leaders = sorted(set(first.values()))
-            order = leaders + [k for k in range(len(rows)) if k not in first.values()]
+            source = list(range(len(rows)))  # the row whose prefill row k copies
+            if self.cache.supports_slot_copy:
+                first: dict[tuple, int] = {}
+                source = [first.setdefault(_copy_key(r), k) for k, r in enumerate(rows)]
+            leaders = [k for k in range(len(rows)) if source[k] == k]
+            order = leaders + [k for k in range(len(rows)) if source[k] != k]
             slots = [0] * len(rows)
             for slot, k in zip(free, order, strict=False):
                 slots[k] = slot
             t0 = time.perf_counter()
-            for k in order:
-                self._reserve(rows[k], slots[k])
+            for k in order:  # rows of this call follow only each other
+                self._reserve(rows[k], slots[k],
+                              None if source[k] == k else slots[source[k]])
             try:
                 self._prefill([(slots[k], self.prompt_left(slots[k])) for k in leaders])
             except BaseException:
@@ -343,27 +346,36 @@ class Generator:
                 slot = free[0]
             if slot is None or slot not in free:
                 raise RuntimeError(f"slot {slot} is not free: release finished rows first")
-            self._reserve(row, slot)
+            self._reserve(row, slot, _AUTO)
             return slot
 
-    def _reserve(self, row: Row, slot: int) -> None:
+    def _reserve(self, row: Row, slot: int, leader: int | object | None) -> None:
+        """Put ``row`` in ``slot``, to prefill; ``leader``: the slot whose identical prompt
+        it copies, None for none, ``_AUTO`` for any such row still prefilling."""
         self.cache.release(slot)
         self._forget_draft(slot)
         self._active[slot] = False
         self.rows[slot] = row
         state = _Prefill()
-        keep = _keep(row)
-        if self.cache.supports_slot_copy:
-            for s, other in self._prefilling.items():
-                r = self.rows[s]
-                if (other.leader is None and r is not None and _keep(r) == keep
-                        and r.prompt_ids == row.prompt_ids):
-                    state.leader = s
-                    break
-            if state.leader is None and self.prefix_cache is not None and keep == 1:
-                state.computed = state.cached = self.prefix_cache.load(row.prompt_ids,
-                                                                       self.cache, slot)
+        if leader is _AUTO and self.cache.supports_slot_copy:
+            key = _copy_key(row)
+            leader = next((s for s, other in self._prefilling.items()
+                           if other.leader is None and (r := self.rows[s]) is not None
+                           and _copy_key(r) == key), None)
+        state.leader = leader if isinstance(leader, int) else None
+        if state.leader is None:
+            self._look_up_prefix(row, slot, state)
         self._prefilling[slot] = state
+
+    def _look_up_prefix(self, row: Row, slot: int, state: _Prefill) -> None:
+        """Copy the stored prefix of the row's prompt in (rows asking for prompt log-probs
+        prefill it all: the store keeps no log-probs); again later, from where it is."""
+        if self.prefix_cache is None or row.params.prompt_logprobs is not None:
+            return
+        have = state.computed if state.looked else None
+        state.computed = state.cached = self.prefix_cache.load(row.prompt_ids, self.cache,
+                                                               slot, have=have)
+        state.looked = True
 
     @property
     def prefilling(self) -> list[int]:
@@ -412,12 +424,10 @@ class Generator:
             state = self._prefilling[slot]
             row = self.rows[slot]
             assert row is not None and state.leader is None
-            if (self.prefix_cache is not None and state.computed == state.cached
-                    and _keep(row) == 1):
+            if state.computed == state.cached:
                 # Nothing of its own ran yet: a row that prefilled since it was reserved
                 # (the same system prompt, arriving in the same burst) may have stored more.
-                state.computed = state.cached = self.prefix_cache.load(
-                    row.prompt_ids, self.cache, slot, have=state.computed)
+                self._look_up_prefix(row, slot, state)
             a = state.computed
             b = min(a + max(1, n), len(row.prompt_ids))
             last = b == len(row.prompt_ids)
@@ -782,6 +792,15 @@ def _close_both(model: Model, cache, drafter) -> None:
     drafter's (a draft model's cache back to the draft model's pool)."""
     model._return_cache(cache)
     drafter.close()
+
+
+_AUTO = object()  # _reserve: follow any identical prompt still prefilling
+
+
+def _copy_key(row: Row) -> tuple:
+    """Rows with equal keys can share one prefill (a slot copy): same prompt, and the
+    same prompt log-probs asked for."""
+    return (tuple(row.prompt_ids), row.params.prompt_logprobs)
 
 
 def _keep(row: Row) -> int:

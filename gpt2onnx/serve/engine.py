@@ -299,8 +299,12 @@ class Engine:
                 if self._stopping:
                     raise ShuttingDownError("the server is shutting down; retry elsewhere.")
                 free = self._free_rows()
+                # A request that can start whole at once never waits: the token limit is
+                # on what waits, so it lets in even a prompt longer than the limit then.
+                starts_now = not self._queued_rows and rows <= free
                 if (self._queued_rows + rows > c.max_queue + free
-                        or self._queued_tokens + tokens > c.max_queued_tokens):
+                        or (self._queued_tokens + tokens > c.max_queued_tokens
+                            and not starts_now)):
                     raise QueueFullError(
                         f"the server is at capacity ({c.max_batch_size} rows running, "
                         f"{self._queued_rows} rows and {self._queued_tokens} prompt tokens "
@@ -352,6 +356,9 @@ class Engine:
         for row in request.rows:
             plan_row(row.prompt_ids, row.params, model.context_length,
                      model.manifest.vocab_size)
+            if row.params.prompt_logprobs is not None and not model.manifest.any_logits:
+                raise InvalidParameterError("prompt_logprobs", model.manifest
+                                            .last_position_only("prompt log-probs"))
 
     def _withdraw(self, ticket: Ticket) -> None:
         """A ticket was cancelled: drop it now if the engine has not taken it yet, else
@@ -526,22 +533,33 @@ class Engine:
             return
         with self._wake:
             self._unqueue(len(seqs), sum(s.prompt_tokens for s in seqs))
-        if not self._continuous:
-            assert self._model is not None
-            rows = [s.owner.request.rows[s.index] for s in seqs]
-            self._gen = self._model.generator([r.prompt_ids for r in rows],
-                                              [r.params for r in rows])
-            for k, seq in enumerate(seqs):
-                seq.slot, seq.left = k, len(rows[k].prompt_ids)
         for seq in seqs:
             ticket = seq.owner
             assert isinstance(ticket, Ticket) and seq.slot is not None
-            row = ticket.request.rows[seq.index]
-            if self._continuous:
-                assert self._gen is not None
-                self._gen.reserve(row.prompt_ids, row.params, seq.slot)
             ticket.slots[seq.index] = seq.slot
             self._slot_seq[seq.slot] = seq
+        try:
+            if self._continuous:
+                assert self._gen is not None
+                for seq in seqs:
+                    row = seq.owner.request.rows[seq.index]  # type: ignore[attr-defined]
+                    self._gen.reserve(row.prompt_ids, row.params, seq.slot)
+            else:
+                assert self._model is not None
+                rows = [s.owner.request.rows[s.index] for s in seqs]  # type: ignore[attr-defined]
+                self._gen = self._model.generator([r.prompt_ids for r in rows],
+                                                  [r.params for r in rows])
+                for seq, row in zip(seqs, rows, strict=True):
+                    seq.left = len(row.prompt_ids)
+        except Exception as exc:
+            # Checked at submit, so this is rare (a cache that cannot be made): only the
+            # requests admitted now fail, and the engine keeps serving.
+            log.exception("admitting %d row(s) failed", len(seqs))
+            error = exc if isinstance(exc, InvalidParameterError) else ModelRunError(
+                f"the model could not take the request: {exc}")
+            for t in {s.owner: None for s in seqs}:
+                assert isinstance(t, Ticket)
+                self._retire(t, error, "error")
         self._count_prefix()
 
     def _prefill(self) -> None:
@@ -584,10 +602,11 @@ class Engine:
             hits = self._prefix.stats.hits - hits
             self._count_prefix()
         m = self.metrics
+        ran = left - after - hits
         m.prefill_chunks.inc(len(plan.chunks))
-        m.prompt_tokens.inc(left - after - hits)
-        m.step_tokens.observe(plan.tokens)
-        m.step_budget_used.observe(min(1.0, plan.tokens / plan.budget))
+        m.prompt_tokens.inc(ran)
+        m.step_tokens.observe(ran + plan.decode_rows)
+        m.step_budget_used.observe(min(1.0, (ran + plan.decode_rows) / plan.budget))
         owners: dict[Ticket, None] = {}
         for slot in done:
             seq = self._slot_seq[slot]

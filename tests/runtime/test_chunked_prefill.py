@@ -235,3 +235,42 @@ def test_bad_store_settings_are_refused() -> None:
         PrefixCache(block_tokens=0)
     with pytest.raises(InvalidParameterError, match="budget_bytes"):
         PrefixCache(budget_bytes=-1)
+
+
+def test_rows_asking_other_prompt_logprobs_do_not_copy_each_other(model: Model) -> None:
+    ids = prompts(model, 1, shared=0, own=12, seed=6)[0]
+    gen = model.generator([], GREEDY, batch_size=3)
+    a = gen.reserve(ids, GREEDY.with_(prompt_logprobs=1))
+    b = gen.reserve(ids, GREEDY.with_(prompt_logprobs=5))
+    c = gen.reserve(ids, GREEDY.with_(prompt_logprobs=1))
+    assert (gen.prompt_left(a), gen.prompt_left(b), gen.prompt_left(c)) == (12, 12, 0)
+    gen.prefill([(a, 12), (b, 12)])
+    rows = [gen.rows[s] for s in (a, b, c)]
+    assert [len(r.prompt_logprobs[1].top) for r in rows] == [1, 5, 1]  # type: ignore[union-attr]
+
+
+def test_add_rows_prefills_repeats_where_slots_cannot_be_copied(
+        model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA caches cannot copy slots: every repeated prompt then runs itself."""
+    from gpt2onnx.runtime.cache import FusedCache
+
+    ids = prompts(model, 1, shared=0, own=9, seed=7)[0]
+    expected = whole(model, ids, GREEDY)[0]
+    monkeypatch.setattr(FusedCache, "supports_slot_copy", property(lambda self: False))
+    gen = model.generator([], GREEDY, batch_size=2)
+    slots = gen.add_rows([ids, ids], [GREEDY, GREEDY])
+    assert all(len(gen.rows[s].token_ids) == 1 for s in slots)  # type: ignore[union-attr]
+    assert finish(gen, slots) == [expected, expected]
+
+
+def test_add_rows_beside_an_identical_prompt_still_prefilling(model: Model) -> None:
+    ids = prompts(model, 1, shared=0, own=20, seed=8)[0]
+    expected = whole(model, ids, GREEDY)[0]
+    gen = model.generator([], GREEDY, batch_size=3)
+    older = gen.reserve(ids, GREEDY)
+    gen.prefill([(older, 5)])
+    slots = gen.add_rows([ids, ids], [GREEDY, GREEDY])  # first tokens now, not later
+    assert all(len(gen.rows[s].token_ids) == 1 for s in slots)  # type: ignore[union-attr]
+    while gen.prompt_left(older):
+        gen.prefill([(older, 5)])
+    assert finish(gen, [older, *slots]) == [expected] * 3

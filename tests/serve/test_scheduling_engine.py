@@ -208,3 +208,33 @@ def test_a_failed_prefill_fails_only_its_request(make_engine: Callable[..., Engi
     assert text.endswith(greedy_text("A healthy request", 30, **GREEDY)[-10:])
     assert engine.metrics.requests.labels("error")._value.get() == 1
     assert engine.metrics.requests.labels("success")._value.get() == 1
+
+
+def test_a_failed_admission_fails_only_its_request(make_engine: Callable[..., Engine],
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   greedy_text: Callable[..., str]) -> None:
+    engine = make_engine(max_batch_size=2)
+    original = Generator.reserve
+    doomed = engine.model.encode("No slot for this one")
+
+    def broken(self: Generator, prompt_ids: Any, params: Any, slot: Any = None) -> int:
+        if list(prompt_ids) == doomed:
+            raise MemoryError("injected admission fault")
+        return original(self, prompt_ids, params, slot)
+
+    monkeypatch.setattr(Generator, "reserve", broken)
+    params = GenerationParams(max_new_tokens=5, **GREEDY)
+    with pytest.raises(ModelRunError, match="injected admission fault"):
+        engine.complete_sync(engine.request(doomed, params))
+    assert engine.status == "ready" and engine.stats().free_slots == 2
+    after = engine.complete_sync(engine.request("Still serving", params))
+    assert after.choices[0].text == greedy_text("Still serving", 5, **GREEDY)
+
+
+def test_a_request_that_starts_at_once_is_not_held_to_the_token_limit(
+        make_engine: Callable[..., Engine], greedy_text: Callable[..., str]) -> None:
+    engine = make_engine(max_batch_size=2, max_queued_tokens=2)
+    params = GenerationParams(max_new_tokens=3, **GREEDY)
+    prompt = "A prompt of more than two tokens"
+    assert engine.complete_sync(engine.request(prompt, params)).choices[0].text == \
+        greedy_text(prompt, 3, **GREEDY)
