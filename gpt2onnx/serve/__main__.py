@@ -15,6 +15,7 @@ from gpt2onnx.runtime.folder import open_manifest
 from gpt2onnx.runtime.generate import add_session_args, speculative_spinning
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
+from gpt2onnx.serve.chat import BUILT_IN, check_template_file
 from gpt2onnx.serve.engine import Engine, EngineConfig
 
 API_KEY_ENV = "GPT2ONNX_API_KEY"
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
                    help="speculate only while at most this many rows run (on the CPU each "
                         "speculating row verifies in a run of its own)")
+    p.add_argument("--chat-template", default=None, metavar="FILE|dialogpt",
+                   help="/v1/chat/completions' jinja2 template (default: the folder's "
+                        "tokenizer_config.json chat_template; 'dialogpt': turns joined by EOS)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     return p.parse_args(argv)
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                               speculative_max_batch=args.speculative_max_batch)
         if args.speculative and args.speculative.startswith("draft:"):
             open_manifest(Path(args.speculative[len("draft:"):]), verify=False)
+        if args.chat_template and args.chat_template not in BUILT_IN:
+            check_template_file(args.chat_template)
     except Gpt2OnnxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                                   threads=args.threads, spinning=spinning), config)
     name = args.served_model_name or args.model_dir.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key,
-                     max_body_bytes=args.max_body_bytes, drain_timeout=args.shutdown_timeout)
+                     max_body_bytes=args.max_body_bytes, drain_timeout=args.shutdown_timeout,
+                     chat_template=args.chat_template)
     # uvicorn stops accepting on SIGTERM, waits for open responses up to the timeout, then
     # runs the app's shutdown, which drains or cancels what is left in the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -1,5 +1,6 @@
-"""The HTTP face of an ``Engine``: OpenAI's /v1/completions and /v1/models, plus /health
-and /metrics. Nothing here runs the model; handlers only await the engine's output."""
+"""The HTTP face of an ``Engine``: OpenAI's /v1/completions, /v1/chat/completions and
+/v1/models[/{id}], plus /health and /metrics. Nothing here runs the model; handlers only
+await the engine's output."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -17,9 +18,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from gpt2onnx.errors import InvalidParameterError
+from gpt2onnx.runtime.model import Model
+from gpt2onnx.serve.chat import ChatFormatter, ChatTemplate, load_template, parse_chat
 from gpt2onnx.serve.completion import ChoiceDelta, Completion
 from gpt2onnx.serve.engine import Engine
 from gpt2onnx.serve.errors import (
+    ModelNotFoundError,
     PayloadTooLargeError,
     QueueFullError,
     ServeError,
@@ -43,7 +47,7 @@ T = TypeVar("T")
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0,
-               manage_engine: bool = True) -> FastAPI:
+               manage_engine: bool = True, chat_template: str | None = None) -> FastAPI:
     """A FastAPI app serving ``engine``.
 
     Args:
@@ -54,6 +58,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         max_body_bytes: larger request bodies get 413.
         drain_timeout: at shutdown, seconds in-flight requests may take to finish before
             they are cancelled.
+        chat_template: /v1/chat/completions' template: a jinja2 file or a built-in name
+            ("dialogpt"); default: the folder's tokenizer_config.json ``chat_template``.
     """
 
     @asynccontextmanager
@@ -97,29 +103,62 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         content, content_type = engine.metrics.render()
         return Response(content, media_type=content_type)
 
+    def card() -> dict[str, Any]:
+        out: dict[str, Any] = {"id": model_name, "object": "model", "created": started,
+                               "owned_by": "gpt2onnx"}
+        if engine.ready:
+            out["max_model_len"] = engine.model.context_length
+        return out
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         authorize(request, api_key)
-        card: dict[str, Any] = {"id": model_name, "object": "model", "created": started,
-                                "owned_by": "gpt2onnx"}
-        if engine.ready:
-            card["max_model_len"] = engine.model.context_length
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(request: Request, model_id: str) -> Response:
+        authorize(request, api_key)
+        if model_id != model_name:
+            raise ModelNotFoundError(f"model {model_id!r} is not served here; GET /v1/models "
+                                     f"lists {model_name!r}.", "model")
+        return JSONResponse(card())
+
+    templates: dict[str, ChatTemplate | None] = {}
+
+    def template() -> ChatTemplate | None:
+        if "t" not in templates:  # once the model is loaded: it may carry the template
+            templates["t"] = load_template(engine.model, chat_template)
+        return templates["t"]
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        def parse(body: bytes, model: Model) -> tuple[CompletionCall, Any]:
+            call = parse_completion(body, model, model_name, engine.max_choices,
+                                    engine.max_rows)
+            return call, CompletionFormatter(call, model.tokenizer)
+
+        return await serve(request, parse)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        def parse(body: bytes, model: Model) -> tuple[CompletionCall, Any]:
+            chat = parse_chat(body, model, model_name, engine.max_choices, template())
+            return chat.call, ChatFormatter(chat, model.tokenizer)
+
+        return await serve(request, parse)
+
+    async def serve(request: Request,
+                    parse: Callable[[bytes, Model], tuple[CompletionCall, Any]]) -> Response:
         try:  # refusals before the engine sees the request are counted here
             authorize(request, api_key)
             body = await read_body(request, max_body_bytes)
             model = engine.model
-            args = (body, model, model_name, engine.max_choices, engine.max_rows)
-            call = (await asyncio.to_thread(parse_completion, *args)
-                    if len(body) > _PARSE_OFF_LOOP_BYTES else parse_completion(*args))
+            call, formatter = (await asyncio.to_thread(parse, body, model)
+                               if len(body) > _PARSE_OFF_LOOP_BYTES else parse(body, model))
         except ServeError as exc:
             engine.metrics.outcome(exc.outcome)
             raise
         stream = engine.stream(call.request)  # raises QueueFullError etc. (engine counts)
-        formatter = CompletionFormatter(call, model.tokenizer)
         streaming = False
         try:
             # The status line waits for the first token: an error before it (timeout,
@@ -212,7 +251,7 @@ async def collect(stream: AsyncStream, completion: Completion) -> None:
 
 
 async def sse_events(call: CompletionCall, stream: AsyncStream, first: list[ChoiceDelta],
-                     formatter: CompletionFormatter) -> AsyncIterator[str]:
+                     formatter: CompletionFormatter | ChatFormatter) -> AsyncIterator[str]:
     try:
         yield formatter.chunks(first)
         async for deltas in stream:

@@ -62,10 +62,7 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
         ModelNotFoundError: ``model`` names another model (404).
     """
     data = _json_object(body)
-    name = data.get("model")
-    if name is not None and name != served_name:
-        raise ModelNotFoundError(f"model {name!r} is not served here; GET /v1/models lists "
-                                 f"{served_name!r}.", "model")
+    check_model_name(data, served_name)
     for field, neutral in NEUTRAL.items():
         if data.get(field) not in neutral:
             raise BadRequestError(f"{field} is not supported by this server; leave it out.",
@@ -115,6 +112,19 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
     return CompletionCall(EngineRequest(tuple(rows)), served_name, int(time.time()), n,
                           tuple(texts), stream, echo, include_usage, params.logprobs,
                           asked_prompt_logprobs)
+
+
+def check_model_name(data: dict[str, Any], served_name: str) -> None:
+    name = data.get("model")
+    if name is not None and name != served_name:
+        raise ModelNotFoundError(f"model {name!r} is not served here; GET /v1/models lists "
+                                 f"{served_name!r}.", "model")
+
+
+def plan_row_checked(ids: list[int], params: GenerationParams, model: Model
+                     ) -> tuple[list[int], int]:
+    """``plan_row`` for an HTTP request: its errors are 400s under the HTTP field names."""
+    return _checked(plan_row, ids, params, model.context_length, model.manifest.vocab_size)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
