@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 import uvicorn
 
-from gpt2onnx.errors import Gpt2OnnxError
+from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError
 from gpt2onnx.runtime.folder import open_manifest
 from gpt2onnx.runtime.generate import add_session_args, speculative_spinning
 from gpt2onnx.runtime.model import Model
@@ -70,9 +71,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat-template", default=None, metavar="FILE|dialogpt",
                    help="/v1/chat/completions' jinja2 template (default: the folder's "
                         "tokenizer_config.json chat_template; 'dialogpt': turns joined by EOS)")
+    p.add_argument("--on-overflow", default="error", choices=("error", "truncate"),
+                   help="for requests that do not say: a prompt + max_tokens over the context "
+                        "is a 400 (error) or keeps the prompt's end and shortens max_tokens "
+                        "(truncate)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     return p.parse_args(argv)
+
+
+def check_server_args(args: argparse.Namespace) -> None:
+    """The HTTP side's settings, before anything starts (the engine checks its own)."""
+    if not 0 <= args.port <= 65535:
+        raise InvalidParameterError("port", f"--port must be in [0, 65535], got {args.port}.")
+    if args.max_body_bytes < 1:
+        raise InvalidParameterError("max_body_bytes", "--max-body-bytes must be >= 1, got "
+                                    f"{args.max_body_bytes}.")
+    t = args.shutdown_timeout
+    if not (math.isfinite(t) and t >= 0):
+        raise InvalidParameterError("shutdown_timeout", "--shutdown-timeout must be a "
+                                    f"number of seconds >= 0, got {t}.")
+    key = args.api_key
+    if key is not None and not (key and key.isascii() and key.isprintable()
+                                and key == key.strip()):
+        raise InvalidParameterError(
+            "api_key", f"the API key (--api-key or ${API_KEY_ENV}) must be non-empty printable "
+            "ASCII with no surrounding spaces (clients send it in an HTTP header); unset "
+            f"{API_KEY_ENV} to serve without a key.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        check_server_args(args)
         open_manifest(args.model_dir, verify=False)  # fail now, not after binding the port
         config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                               max_queued_tokens=args.max_queued_tokens,
@@ -110,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.served_model_name or args.model_dir.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes, drain_timeout=args.shutdown_timeout,
-                     chat_template=args.chat_template)
+                     chat_template=args.chat_template, on_overflow=args.on_overflow)
     # uvicorn stops accepting on SIGTERM, waits for open responses up to the timeout, then
     # runs the app's shutdown, which drains or cancels what is left in the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -17,12 +17,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
+from gpt2onnx import __version__
 from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.runtime.model import Model
-from gpt2onnx.serve.chat import ChatFormatter, ChatTemplate, load_template, parse_chat
+from gpt2onnx.serve.chat import (
+    ChatFormatter,
+    ChatTemplate,
+    chat_prompt,
+    load_template,
+    parse_chat,
+)
 from gpt2onnx.serve.completion import ChoiceDelta, Completion
 from gpt2onnx.serve.engine import Engine
 from gpt2onnx.serve.errors import (
+    BadRequestError,
     ModelNotFoundError,
     PayloadTooLargeError,
     QueueFullError,
@@ -30,11 +38,13 @@ from gpt2onnx.serve.errors import (
     UnauthorizedError,
 )
 from gpt2onnx.serve.protocol import (
+    ON_OVERFLOW,
     CompletionCall,
     CompletionFormatter,
     error_event,
     http_error,
     parse_completion,
+    parse_json_object,
 )
 from gpt2onnx.serve.streams import AsyncStream
 
@@ -47,7 +57,8 @@ T = TypeVar("T")
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0,
-               manage_engine: bool = True, chat_template: str | None = None) -> FastAPI:
+               manage_engine: bool = True, chat_template: str | None = None,
+               on_overflow: str = "error") -> FastAPI:
     """A FastAPI app serving ``engine``.
 
     Args:
@@ -60,7 +71,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
             they are cancelled.
         chat_template: /v1/chat/completions' template: a jinja2 file or a built-in name
             ("dialogpt"); default: the folder's tokenizer_config.json ``chat_template``.
+        on_overflow: what a request that does not say gets when its prompt and max_tokens
+            overflow the context: "error" (a 400) or "truncate" (keep the prompt's end,
+            shorten max_tokens).
     """
+    if on_overflow not in ON_OVERFLOW:
+        raise InvalidParameterError("on_overflow", f"on_overflow must be one of "
+                                    f"{ON_OVERFLOW}, got {on_overflow!r}.")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,11 +107,12 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
         if engine.ready:
             return JSONResponse({"status": "ok"})
         body: dict[str, Any] = {"status": engine.status}
-        if engine.load_error is not None:
+        if engine.load_error is not None and authorized(request, api_key):
+            # The reason names paths on this machine: only for whoever holds the key.
             body["error"] = str(engine.load_error)
         return JSONResponse(body, status_code=503)
 
@@ -130,11 +148,47 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
             templates["t"] = load_template(engine.model, chat_template)
         return templates["t"]
 
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": __version__})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: a prompt (or chat messages, through the template) to ids."""
+        authorize(request, api_key)
+        data = parse_json_object(await read_body(request, max_body_bytes))
+        model = engine.model
+        if "messages" in data:
+            ids = model.encode(chat_prompt(data.get("messages"), template()))
+        else:
+            prompt = data.get("prompt")
+            if not isinstance(prompt, str):
+                raise BadRequestError("prompt must be a string (or send messages).", "prompt",
+                                      "invalid_type" if prompt is not None else "missing")
+            ids = model.encode(prompt)
+        return JSONResponse({"tokens": ids, "count": len(ids),
+                             "max_model_len": model.context_length})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        authorize(request, api_key)
+        data = parse_json_object(await read_body(request, max_body_bytes))
+        model = engine.model
+        tokens = data.get("tokens")
+        vocab = model.manifest.vocab_size
+        if not (isinstance(tokens, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                for t in tokens)):
+            raise BadRequestError(f"tokens must be a list of token ids in [0, {vocab - 1}].",
+                                  "tokens", "invalid_value")
+        return JSONResponse({"prompt": model.tokenizer.decode(tokens,
+                                                              skip_special_tokens=False)})
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         def parse(body: bytes, model: Model) -> tuple[CompletionCall, Any]:
             call = parse_completion(body, model, model_name, engine.max_choices,
-                                    engine.max_rows)
+                                    engine.max_rows, on_overflow)
             return call, CompletionFormatter(call, model.tokenizer)
 
         return await serve(request, parse)
@@ -142,7 +196,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         def parse(body: bytes, model: Model) -> tuple[CompletionCall, Any]:
-            chat = parse_chat(body, model, model_name, engine.max_choices, template())
+            chat = parse_chat(body, model, model_name, engine.max_choices, template(),
+                              on_overflow)
             return chat.call, ChatFormatter(chat, model.tokenizer)
 
         return await serve(request, parse)
@@ -187,6 +242,14 @@ def error_response(exc: ServeError) -> JSONResponse:
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
+
+
+def authorized(request: Request, api_key: str | None) -> bool:
+    try:
+        authorize(request, api_key)
+    except UnauthorizedError:
+        return False
+    return True
 
 
 def authorize(request: Request, api_key: str | None) -> None:

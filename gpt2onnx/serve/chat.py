@@ -36,13 +36,14 @@ from gpt2onnx.serve.completion import (
 from gpt2onnx.serve.engine import check_choices
 from gpt2onnx.serve.errors import BadRequestError
 from gpt2onnx.serve.protocol import (
+    NEUTRAL,
     CompletionCall,
     _bool,
     _checked,
-    _json_object,
     _or_default,
     _params,
     check_model_name,
+    parse_json_object,
     plan_row_checked,
     sse,
 )
@@ -55,7 +56,8 @@ ROLES = ("system", "user", "assistant", "developer")
 UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
                "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]),
-               "prediction": (None,), "suffix": (None, "")}
+               "prediction": (None,), "suffix": (None, ""), "prompt_logprobs": (None,),
+               "echo": (None, False)}
 NO_TEMPLATE = ("this model has no chat template: start the server with --chat-template FILE "
                "(a jinja2 template, as in a tokenizer_config.json's chat_template) or "
                "--chat-template dialogpt (turns joined by EOS), or use /v1/completions.")
@@ -148,22 +150,20 @@ class ChatCall:
 
 
 def parse_chat(body: bytes, model: Model, served_name: str, max_choices: int,
-               template: ChatTemplate | None) -> ChatCall:
+               template: ChatTemplate | None, on_overflow: str = "error") -> ChatCall:
     """Validate a chat request body into a ``ChatCall``.
 
     Raises:
         BadRequestError: invalid JSON, messages, a field out of range, or no template (400).
         ModelNotFoundError: ``model`` names another model (404).
     """
-    data = _json_object(body)
+    data = parse_json_object(body)
     check_model_name(data, served_name)
-    for name, neutral in UNSUPPORTED.items():
+    for name, neutral in {**NEUTRAL, **UNSUPPORTED}.items():
         if name in data and data[name] not in neutral:
             raise BadRequestError(f"{name} is not supported by this server; leave it out.",
                                   name, "unsupported")
-    if template is None:
-        raise BadRequestError(NO_TEMPLATE, "messages", "no_chat_template")
-    messages = _messages(data.get("messages"))
+    text = chat_prompt(data.get("messages"), template)
     n = _or_default(data, "n", 1)
     _checked(check_choices, n, max_choices)
     stream = _bool(data, "stream")
@@ -181,9 +181,7 @@ def parse_chat(body: bytes, model: Model, served_name: str, max_choices: int,
     if data.get("max_completion_tokens") is not None:
         fields["max_tokens"] = data["max_completion_tokens"]
     fields["logprobs"] = top
-    fields.pop("prompt_logprobs", None)
-    params = _params(fields)
-    text = template.render(messages)
+    params = _params(fields, on_overflow)
     ids = model.encode(text)
     ids, _ = plan_row_checked(ids, params, model)
     rows = tuple(RowSpec(tuple(ids), derive_seed(params, j)) for j in range(n))
@@ -191,6 +189,13 @@ def parse_chat(body: bytes, model: Model, served_name: str, max_choices: int,
                           served_name, int(time.time()), n, (text,), stream, False,
                           include_usage, params.logprobs)
     return ChatCall(call, top)
+
+
+def chat_prompt(messages: Any, template: ChatTemplate | None) -> str:
+    """Chat messages (as sent) rendered into one prompt; a 400 without a template."""
+    if template is None:
+        raise BadRequestError(NO_TEMPLATE, "messages", "no_chat_template")
+    return template.render(_messages(messages))
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:

@@ -33,8 +33,16 @@ from gpt2onnx.serve.errors import BadRequestError, ModelNotFoundError, ServeErro
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Runtime names -> the HTTP fields that set them.
 HTTP_FIELD = {"max_new_tokens": "max_tokens"}
-# OpenAI fields this server does not implement: accepted only at their neutral value.
-NEUTRAL = {"suffix": (None, ""), "logit_bias": (None, {})}
+# OpenAI and vLLM fields this server does not implement: accepted only at their neutral
+# value, refused otherwise (a client that sends them expects them to act).
+NEUTRAL = {"suffix": (None, ""), "logit_bias": (None, {}), "stop_token_ids": (None, []),
+           "include_stop_str_in_output": (None, False), "use_beam_search": (None, False),
+           "length_penalty": (None, 1.0, 1), "guided_json": (None,), "guided_regex": (None,),
+           "guided_choice": (None,), "guided_grammar": (None,), "guided_decoding_backend": (None,),
+           "logits_processors": (None, []), "bad_words": (None, []),
+           "allowed_token_ids": (None,), "truncate_prompt_tokens": (None,),
+           "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True)}
+ON_OVERFLOW = ("error", "truncate")
 
 
 @dataclass(frozen=True)
@@ -54,14 +62,15 @@ class CompletionCall:
 
 
 def parse_completion(body: bytes, model: Model, served_name: str, max_choices: int,
-                     max_rows: int | None = None) -> CompletionCall:
+                     max_rows: int | None = None, on_overflow: str = "error"
+                     ) -> CompletionCall:
     """Validate a request body into a ``CompletionCall``.
 
     Raises:
         BadRequestError: invalid JSON, a wrong type, or a value out of range (400).
         ModelNotFoundError: ``model`` names another model (404).
     """
-    data = _json_object(body)
+    data = parse_json_object(body)
     check_model_name(data, served_name)
     for field, neutral in NEUTRAL.items():
         if data.get(field) not in neutral:
@@ -78,7 +87,7 @@ def parse_completion(body: bytes, model: Model, served_name: str, max_choices: i
         raise BadRequestError(f"stream_options must be an object, got {options!r}.",
                               "stream_options", "invalid_type")
     include_usage = _bool(options, "include_usage", "stream_options.include_usage")
-    params = _params(data)
+    params = _params(data, on_overflow)
     asked_prompt_logprobs = params.prompt_logprobs
     if echo and params.logprobs is not None:
         # echo + logprobs lists the prompt's tokens with their log-probs first (OpenAI's
@@ -127,7 +136,7 @@ def plan_row_checked(ids: list[int], params: GenerationParams, model: Model
     return _checked(plan_row, ids, params, model.context_length, model.manifest.vocab_size)
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -152,7 +161,9 @@ def _bool(data: dict[str, Any], key: str, name: str | None = None) -> bool:
     return value
 
 
-def _params(data: dict[str, Any]) -> GenerationParams:
+def _params(data: dict[str, Any], on_overflow: str = "error") -> GenerationParams:
+    """The request's generation parameters; ``on_overflow`` is the server's default for
+    prompts that do not fit with their max_tokens (``--on-overflow``)."""
     stop = _or_default(data, "stop", [])
     if isinstance(stop, str):
         stop = [stop]
@@ -173,7 +184,7 @@ def _params(data: dict[str, Any]) -> GenerationParams:
         seed=data.get("seed"),
         stop=tuple(stop),
         stop_on_eos=not _bool(data, "ignore_eos"),  # vLLM's extension, for benchmarks
-        on_overflow=_or_default(data, "on_overflow", "error"),
+        on_overflow=_or_default(data, "on_overflow", on_overflow),
         logprobs=data.get("logprobs"),
         prompt_logprobs=data.get("prompt_logprobs"),
     )

@@ -202,6 +202,11 @@ def test_health_reports_a_failed_load(tmp_path: Path) -> None:
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "failed"
         assert "does not exist" in r.json()["error"]
+    # With an API key, the reason (it names paths) is for the key's holder only.
+    with TestClient(make_app(engine, api_key="sekret")) as c:
+        assert c.get("/health").json() == {"status": "failed"}
+        r = c.get("/health", headers={"Authorization": "Bearer sekret"})
+        assert "does not exist" in r.json()["error"]
 
 
 def test_timeouts_and_failed_runs_answer_in_the_error_shape(
