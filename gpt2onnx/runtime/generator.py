@@ -377,11 +377,6 @@ class Generator:
                                                                slot, have=have)
         state.looked = True
 
-    @property
-    def prefilling(self) -> list[int]:
-        """Slots whose prompt is not wholly in the cache yet, in the order they came."""
-        return list(self._prefilling)
-
     def prompt_left(self, slot: int) -> int:
         """Prompt tokens of a prefilling row still to run (0 for a row that will copy an
         identical prompt's slot, or a row that is not prefilling)."""
@@ -391,11 +386,6 @@ class Generator:
         row = self.rows[slot]
         assert row is not None
         return len(row.prompt_ids) - state.computed
-
-    def prompt_cached(self, slot: int) -> int:
-        """Prompt tokens of a prefilling row that came from the prefix cache."""
-        state = self._prefilling.get(slot)
-        return state.cached if state is not None else 0
 
     def prefill(self, chunks: Sequence[tuple[int, int]]) -> list[int]:
         """Run the next ``n`` prompt tokens of each (slot, n) of reserved rows, in one step

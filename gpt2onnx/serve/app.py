@@ -41,6 +41,7 @@ from gpt2onnx.serve.protocol import (
     ON_OVERFLOW,
     CompletionCall,
     CompletionFormatter,
+    StreamFormatter,
     error_event,
     http_error,
     parse_completion,
@@ -186,7 +187,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        def parse(body: bytes, model: Model) -> tuple[CompletionCall, Any]:
+        def parse(body: bytes, model: Model) -> tuple[CompletionCall, StreamFormatter]:
             call = parse_completion(body, model, model_name, engine.max_choices,
                                     engine.max_rows, on_overflow)
             return call, CompletionFormatter(call, model.tokenizer)
@@ -195,15 +196,16 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        def parse(body: bytes, model: Model) -> tuple[CompletionCall, Any]:
+        def parse(body: bytes, model: Model) -> tuple[CompletionCall, StreamFormatter]:
             chat = parse_chat(body, model, model_name, engine.max_choices, template(),
                               on_overflow)
             return chat.call, ChatFormatter(chat, model.tokenizer)
 
         return await serve(request, parse)
 
-    async def serve(request: Request,
-                    parse: Callable[[bytes, Model], tuple[CompletionCall, Any]]) -> Response:
+    Parse = Callable[[bytes, Model], tuple[CompletionCall, StreamFormatter]]
+
+    async def serve(request: Request, parse: Parse) -> Response:
         try:  # refusals before the engine sees the request are counted here
             authorize(request, api_key)
             body = await read_body(request, max_body_bytes)
@@ -314,7 +316,7 @@ async def collect(stream: AsyncStream, completion: Completion) -> None:
 
 
 async def sse_events(call: CompletionCall, stream: AsyncStream, first: list[ChoiceDelta],
-                     formatter: CompletionFormatter | ChatFormatter) -> AsyncIterator[str]:
+                     formatter: StreamFormatter) -> AsyncIterator[str]:
     try:
         yield formatter.chunks(first)
         async for deltas in stream:

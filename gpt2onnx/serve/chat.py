@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from gpt2onnx.serve.errors import BadRequestError
 from gpt2onnx.serve.protocol import (
     NEUTRAL,
     CompletionCall,
+    StreamFormatter,
     _bool,
     _checked,
     _or_default,
@@ -45,7 +45,7 @@ from gpt2onnx.serve.protocol import (
     check_model_name,
     parse_json_object,
     plan_row_checked,
-    sse,
+    usage_body,
 )
 
 DIALOGPT = "dialogpt"
@@ -231,66 +231,42 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-class ChatFormatter:
+class ChatFormatter(StreamFormatter):
     """Engine output as chat.completion JSON, or chat.completion.chunk SSE events."""
 
-    def __init__(self, chat: ChatCall, tokenizer: Tokenizer) -> None:
-        self.chat = chat
-        self.call = chat.call
-        self.tokenizer = tokenizer
-        self.started: set[int] = set()
-        self.completion_tokens = 0
+    chunk_object = "chat.completion.chunk"
 
-    def _head(self, kind: str) -> dict[str, Any]:
-        c = self.call
-        return {"id": c.request.request_id, "object": kind, "created": c.created,
-                "model": c.model, "system_fingerprint": None}
+    def __init__(self, chat: ChatCall, tokenizer: Tokenizer) -> None:
+        super().__init__(chat.call, tokenizer)
+        self.chat = chat
+
+    def _head(self, kind: str | None = None) -> dict[str, Any]:
+        return {**super()._head(kind), "system_fingerprint": None}
 
     def _logprobs(self, d: ChoiceDelta) -> dict[str, Any] | None:
         if self.chat.top_logprobs is None:
             return None
         content = []
         for e in d.logprobs:
-            token = self._text(e.token_id)
+            token = self._token_text(e.token_id)
             content.append({"token": token, "logprob": e.logprob,
                             "bytes": list(token.encode("utf-8")),
-                            "top_logprobs": [{"token": (t := self._text(i)), "logprob": lp,
-                                              "bytes": list(t.encode("utf-8"))}
+                            "top_logprobs": [{"token": (t := self._token_text(i)),
+                                              "logprob": lp, "bytes": list(t.encode("utf-8"))}
                                              for i, lp in e.top[:self.chat.top_logprobs]]})
         return {"content": content}
-
-    def _text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def response(self, completion: Completion) -> dict[str, Any]:
         choices = [{"index": d.index, "message": {"role": "assistant", "content": d.text},
                     "logprobs": self._logprobs(d), "finish_reason": d.finish_reason}
                    for d in completion.choices]
         return {**self._head("chat.completion"), "choices": choices,
-                "usage": _usage(completion.prompt_tokens, completion.completion_tokens)}
+                "usage": usage_body(completion.prompt_tokens, completion.completion_tokens)}
 
-    def chunks(self, deltas: Sequence[ChoiceDelta]) -> str:
-        events = []
-        for d in deltas:
-            self.completion_tokens += len(d.token_ids)
-            delta: dict[str, Any] = {"content": d.text}
-            if d.index not in self.started:  # OpenAI names the role in a choice's first
-                self.started.add(d.index)
-                delta = {"role": "assistant", **delta}
-            chunk = {**self._head("chat.completion.chunk"),
-                     "choices": [{"index": d.index, "delta": delta,
-                                  "logprobs": self._logprobs(d),
-                                  "finish_reason": d.finish_reason}]}
-            if self.call.include_usage:
-                chunk["usage"] = None
-            events.append(sse(chunk))
-        return "".join(events)
-
-    def usage_chunk(self) -> str:
-        usage = _usage(self.call.request.prompt_tokens, self.completion_tokens)
-        return sse({**self._head("chat.completion.chunk"), "choices": [], "usage": usage})
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    def _chunk_choice(self, d: ChoiceDelta) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": d.text}
+        if d.index not in self.started:  # OpenAI names the role in a choice's first chunk
+            self.started.add(d.index)
+            delta = {"role": "assistant", **delta}
+        return {"index": d.index, "delta": delta, "logprobs": self._logprobs(d),
+                "finish_reason": d.finish_reason}

@@ -523,6 +523,8 @@ class Engine:
     def _admit(self) -> None:
         """Free slots go to the oldest waiting rows; each reserves its slot (copying a
         stored prefix of its prompt in)."""
+        if not self.scheduler.waiting:
+            return
         if self._continuous:
             assert self._gen is not None
             free = [s for s in self._gen.free_slots if s not in self._slot_seq]

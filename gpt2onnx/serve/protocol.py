@@ -235,20 +235,52 @@ def http_error(exc: InvalidParameterError) -> BadRequestError:
 # ---- responses -------------------------------------------------------------------------
 
 
-class CompletionFormatter:
-    """Turns one call's engine output into OpenAI JSON (whole, or SSE chunk by chunk)."""
+class StreamFormatter:
+    """What completions and chat share: SSE chunks (one per choice and engine read), the
+    usage chunk, and token texts. Subclasses say how a chunk's choice looks."""
+
+    chunk_object = "text_completion"
 
     def __init__(self, call: CompletionCall, tokenizer: Tokenizer) -> None:
         self.call = call
         self.tokenizer = tokenizer
-        self.started: set[int] = set()  # choices whose first chunk went out (echo)
-        self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
+        self.started: set[int] = set()  # choices whose first chunk went out
         self.completion_tokens = 0
 
-    def _head(self) -> dict[str, Any]:
+    def _head(self, kind: str | None = None) -> dict[str, Any]:
         c = self.call
-        return {"id": c.request.request_id, "object": "text_completion", "created": c.created,
-                "model": c.model}
+        return {"id": c.request.request_id, "object": kind or self.chunk_object,
+                "created": c.created, "model": c.model}
+
+    def _chunk_choice(self, d: ChoiceDelta) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def chunks(self, deltas: Sequence[ChoiceDelta]) -> str:
+        """SSE events for one read of the engine: one chunk per choice, as OpenAI sends."""
+        events = []
+        for d in deltas:
+            self.completion_tokens += len(d.token_ids)
+            chunk = {**self._head(), "choices": [self._chunk_choice(d)]}
+            if self.call.include_usage:
+                chunk["usage"] = None
+            events.append(sse(chunk))
+        return "".join(events)
+
+    def usage_chunk(self) -> str:
+        """With ``stream_options.include_usage``: the last chunk, with no choices."""
+        usage = usage_body(self.call.request.prompt_tokens, self.completion_tokens)
+        return sse({**self._head(), "choices": [], "usage": usage})
+
+
+class CompletionFormatter(StreamFormatter):
+    """Turns one call's engine output into OpenAI JSON (whole, or SSE chunk by chunk)."""
+
+    def __init__(self, call: CompletionCall, tokenizer: Tokenizer) -> None:
+        super().__init__(call, tokenizer)
+        self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
 
     def _prefix(self, index: int) -> str:
         if not self.call.echo or index in self.started:
@@ -303,31 +335,15 @@ class CompletionFormatter:
                 "token_logprobs": [None if e is None else e.logprob for e in entries],
                 "top_logprobs": top, "text_offset": offsets}
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+    def _chunk_choice(self, d: ChoiceDelta) -> dict[str, Any]:
+        return self._choice(d)
 
     def response(self, completion: Completion) -> dict[str, Any]:
         """The non-streaming body."""
         choices = [self._choice(d) for d in completion.choices]
-        return {**self._head(), "choices": choices, "usage": _usage(completion.prompt_tokens,
-                                                                    completion.completion_tokens),
+        return {**self._head(), "choices": choices,
+                "usage": usage_body(completion.prompt_tokens, completion.completion_tokens),
                 "system_fingerprint": None}
-
-    def chunks(self, deltas: Sequence[ChoiceDelta]) -> str:
-        """SSE events for one read of the engine: one chunk per choice, as OpenAI sends."""
-        events = []
-        for d in deltas:
-            self.completion_tokens += len(d.token_ids)
-            chunk = {**self._head(), "choices": [self._choice(d)]}
-            if self.call.include_usage:
-                chunk["usage"] = None
-            events.append(sse(chunk))
-        return "".join(events)
-
-    def usage_chunk(self) -> str:
-        """With ``stream_options.include_usage``: the last chunk, with no choices."""
-        usage = _usage(self.call.request.prompt_tokens, self.completion_tokens)
-        return sse({**self._head(), "choices": [], "usage": usage})
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -341,6 +357,6 @@ def error_event(exc: ServeError) -> str:
     return sse(exc.to_body())
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

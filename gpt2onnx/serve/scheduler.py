@@ -96,9 +96,6 @@ class Scheduler:
     def occupied(self) -> int:
         return len(self.prefilling) + len(self.running)
 
-    def waiting_rows(self) -> int:
-        return len(self.waiting)
-
     def admit(self, free_slots: Iterable[int]) -> list[SeqState]:
         """Rows that take a slot now, oldest first, one per free slot. Without joinable
         rows, only into an empty batch."""
