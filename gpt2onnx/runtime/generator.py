@@ -41,6 +41,7 @@ from gpt2onnx.runtime.speculative import (
     check_draft_tokens,
     check_speculative_max_batch,
 )
+from gpt2onnx.runtime.stops import StopText
 
 if TYPE_CHECKING:
     from gpt2onnx.runtime.model import Model
@@ -76,13 +77,19 @@ class Row:
     max_new_tokens: int
     sampler: RowSampler
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
     finish_reason: str | None = None
-    emitted: int = 0  # characters of ``text`` already handed to a streaming caller
+    output: StopText = field(init=False)  # the decoded text, watched for stop strings
     decoder: DecodeStream | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry
     # One per prompt token when params.prompt_logprobs is set; the first has no context.
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.output = StopText(self.params.stop)
+
+    @property
+    def text(self) -> str:
+        return self.output.text
 
     @property
     def done(self) -> bool:
@@ -751,16 +758,9 @@ class Generator:
             return
         assert row.decoder is not None
         piece = row.decoder.step(self.model.tokenizer, token)
-        if piece:
-            start = max(0, len(row.text) - max((len(s) for s in row.params.stop), default=0))
-            row.text += piece
-            if not early:
-                for s in row.params.stop:
-                    at = row.text.find(s, start)
-                    if at != -1:
-                        row.text = row.text[:at]
-                        row.finish_reason = FINISH_STOP
-                        return
+        if piece and row.output.add(piece, check=not early):
+            row.finish_reason = FINISH_STOP
+            return
         if len(row.token_ids) >= row.max_new_tokens:
             row.finish_reason = FINISH_LENGTH
 
@@ -769,12 +769,7 @@ class Generator:
         never a tail that might still become a stop string. Advances the row's cursor."""
         row = self.rows[row_index]
         assert row is not None, f"slot {row_index} holds no row"
-        end = len(row.text)
-        if not row.done and row.params.stop:
-            end -= _stop_prefix_len(row.text, row.params.stop)
-        piece = row.text[row.emitted:end]
-        row.emitted = max(row.emitted, end)
-        return piece
+        return row.output.take_new(row.done)
 
 
 def _close_both(model: Model, cache, drafter) -> None:
@@ -828,14 +823,3 @@ def _prompt_logprobs(row: Row, logits: np.ndarray, start: int = 0
         top = tuple((int(j), float(logp[i, j])) for j in tops[i])
         out.append(TokenLogprob(t, float(chosen[i]), top, int(ranks[i])))
     return out
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

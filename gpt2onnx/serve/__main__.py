@@ -15,11 +15,15 @@ from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError
 from gpt2onnx.runtime.folder import open_manifest
 from gpt2onnx.runtime.generate import add_session_args, speculative_spinning
 from gpt2onnx.runtime.model import Model
-from gpt2onnx.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
+from gpt2onnx.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, create_app
 from gpt2onnx.serve.chat import BUILT_IN, check_template_file
 from gpt2onnx.serve.engine import Engine, EngineConfig
+from gpt2onnx.serve.security import default_allowed_hosts
+from gpt2onnx.serve.server import Server, fit_connection_limit, guarded_protocol
 
 API_KEY_ENV = "GPT2ONNX_API_KEY"
+# Seconds uvicorn waits, once the engine has drained, for the last answers to be written.
+_FLUSH_S = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +62,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the model id clients send (default: the folder's name)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on SIGTERM")
+                   help="seconds in-flight requests get to finish on SIGTERM; the rest are "
+                        "answered with 503")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                   help="seconds a client has to send a request's body")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections; more are answered 503 and closed")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAME[,NAME...]|*",
+                   help="Host header names accepted besides the bound address and loopback "
+                        "(default: those only; a 0.0.0.0 bind takes IP addresses and this "
+                        "machine's names): guards against DNS rebinding")
+    p.add_argument("--allowed-origins", default=None, metavar="ORIGIN[,ORIGIN...]|*",
+                   help="web origins (https://app.example) whose pages may call this server "
+                        "(CORS); pages elsewhere are refused with 403")
     p.add_argument("--speculative", default=None, metavar="ngram|draft:FOLDER",
                    help="speculative decoding: prompt lookup, or a draft model folder with "
                         "this model's tokenizer (a smaller GPT-2, or an int8/int4 export of "
@@ -91,6 +109,26 @@ def check_server_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(t) and t >= 0):
         raise InvalidParameterError("shutdown_timeout", "--shutdown-timeout must be a "
                                     f"number of seconds >= 0, got {t}.")
+    for name in ("header_timeout", "body_timeout"):
+        t = getattr(args, name)
+        if not (math.isfinite(t) and t > 0):
+            flag = "--" + name.replace("_", "-")
+            raise InvalidParameterError(name, f"{flag} must be a number of seconds > 0, "
+                                        f"got {t}.")
+    if args.max_connections < 1:
+        raise InvalidParameterError("max_connections", "--max-connections must be >= 1, "
+                                    f"got {args.max_connections}.")
+    for name in ("allowed_hosts", "allowed_origins"):
+        value = getattr(args, name)
+        if value is not None and not _split_list(value):
+            flag = "--" + name.replace("_", "-")
+            raise InvalidParameterError(name, f"{flag} needs at least one name (or '*'), "
+                                        f"got {value!r}.")
+    for origin in _split_list(args.allowed_origins or ""):
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise InvalidParameterError(
+                "allowed_origins", f"--allowed-origins takes origins, a scheme and a host "
+                f"like https://app.example:8443; got {origin!r}.")
     key = args.api_key
     if key is not None and not (key and key.isascii() and key.isprintable()
                                 and key == key.strip()):
@@ -98,6 +136,16 @@ def check_server_args(args: argparse.Namespace) -> None:
             "api_key", f"the API key (--api-key or ${API_KEY_ENV}) must be non-empty printable "
             "ASCII with no surrounding spaces (clients send it in an HTTP header); unset "
             f"{API_KEY_ENV} to serve without a key.")
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def allowed_hosts(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """(Host names, any IP literal too) the server answers to (``security.RequestGuard``)."""
+    own, any_ip = default_allowed_hosts(args.host)
+    return sorted(own | {h.lower() for h in _split_list(args.allowed_hosts or "")}), any_ip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,13 +182,26 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(lambda: Model(args.model_dir, provider=args.provider,
                                   threads=args.threads, spinning=spinning), config)
     name = args.served_model_name or args.model_dir.resolve().name
+    hosts, any_ip = allowed_hosts(args)
     app = create_app(engine, model_name=name, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes, drain_timeout=args.shutdown_timeout,
-                     chat_template=args.chat_template, on_overflow=args.on_overflow)
-    # uvicorn stops accepting on SIGTERM, waits for open responses up to the timeout, then
-    # runs the app's shutdown, which drains or cancels what is left in the engine.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+                     chat_template=args.chat_template, on_overflow=args.on_overflow,
+                     body_timeout=args.body_timeout, allowed_hosts=hosts, any_ip_host=any_ip,
+                     allowed_origins=_split_list(args.allowed_origins or ""))
+    protocol = guarded_protocol(args.header_timeout,
+                                fit_connection_limit(args.max_connections))
+    # On SIGTERM the Server drains the engine first (see server.py); uvicorn's graceful
+    # wait after that only lets the last answers reach their clients.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            http=protocol, timeout_graceful_shutdown=_FLUSH_S,
+                            server_header=False)
+    server = Server(config, engine, args.shutdown_timeout)
+    server.run()
+    if server.failed is not None:
+        print(f"error: the model folder could not be loaded: {server.failed}", file=sys.stderr)
+        return 1
+    if not server.started:
+        return 1  # uvicorn could not bind the port (it logged why)
     return 0
 
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from gpt2onnx import __version__
@@ -31,12 +33,14 @@ from gpt2onnx.serve.completion import ChoiceDelta, Completion
 from gpt2onnx.serve.engine import Engine
 from gpt2onnx.serve.errors import (
     BadRequestError,
+    BodyTimeoutError,
     ModelNotFoundError,
     PayloadTooLargeError,
     QueueFullError,
     ServeError,
     UnauthorizedError,
 )
+from gpt2onnx.serve.playground import playground_html
 from gpt2onnx.serve.protocol import (
     ON_OVERFLOW,
     CompletionCall,
@@ -47,19 +51,24 @@ from gpt2onnx.serve.protocol import (
     parse_completion,
     parse_json_object,
 )
+from gpt2onnx.serve.security import RequestGuard
 from gpt2onnx.serve.streams import AsyncStream
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_BODY_TIMEOUT = 30.0
 # Tokenizing a long prompt takes milliseconds: do it off the event loop, which serves
 # every other client's stream meanwhile.
 _PARSE_OFF_LOOP_BYTES = 16 << 10
 T = TypeVar("T")
+log = logging.getLogger("gpt2onnx.serve")
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 30.0,
                manage_engine: bool = True, chat_template: str | None = None,
-               on_overflow: str = "error") -> FastAPI:
+               on_overflow: str = "error", body_timeout: float = DEFAULT_BODY_TIMEOUT,
+               allowed_hosts: Collection[str] = ("*",), any_ip_host: bool = False,
+               allowed_origins: Collection[str] = ()) -> FastAPI:
     """A FastAPI app serving ``engine``.
 
     Args:
@@ -75,6 +84,12 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         on_overflow: what a request that does not say gets when its prompt and max_tokens
             overflow the context: "error" (a 400) or "truncate" (keep the prompt's end,
             shorten max_tokens).
+        body_timeout: seconds a client may take to send a request body (408 after).
+        allowed_hosts: host names requests may carry in ``Host`` ("*" in it: any); the
+            CLI passes the bound address's (``security.default_allowed_hosts``).
+        any_ip_host: accept any IP address literal in ``Host`` too (a wildcard bind).
+        allowed_origins: web origins besides the server's own that browsers may call it
+            from (CORS); any other ``Origin`` is refused with 403.
     """
     if on_overflow not in ON_OVERFLOW:
         raise InvalidParameterError("on_overflow", f"on_overflow must be one of "
@@ -89,23 +104,60 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
             # Off the loop: streams still in flight keep receiving their last tokens.
             await asyncio.to_thread(engine.stop, drain_timeout)
 
-    app = FastAPI(title="gpt2onnx", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="gpt2onnx", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     started = int(time.time())
+    count = engine.metrics.outcome
+    if allowed_origins:
+        # Preflights and CORS headers for the origins allowed; RequestGuard (outside it)
+        # has refused every other origin already.
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, any_ip=any_ip_host,
+                       allowed_origins=allowed_origins, count=count)
 
+    # Every refusal is counted once: the engine marks what it counted, these handlers
+    # count the rest.
     @app.exception_handler(ServeError)
     async def on_serve_error(request: Request, exc: ServeError) -> Response:
+        if not getattr(exc, "counted", False):
+            count(exc.outcome)
         return error_response(exc)
 
     @app.exception_handler(InvalidParameterError)
     async def on_invalid(request: Request, exc: InvalidParameterError) -> Response:
+        if not getattr(exc, "counted", False):
+            count("bad_request")
         return error_response(http_error(exc))
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> Response:
         # Unknown paths and methods: the OpenAI shape too, so clients parse one format.
+        count("bad_request")
         body = {"error": {"message": str(exc.detail), "type": "invalid_request_error",
                           "param": None, "code": None}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> Response:
+        # A bug of ours: logged with its traceback, answered in the OpenAI shape, counted.
+        log.error("unhandled error on %s %s", request.method, request.url.path,
+                  exc_info=exc)
+        count("error")
+        body = {"error": {"message": f"internal error ({type(exc).__name__}); the server "
+                          "logged it.", "type": "server_error", "param": None,
+                          "code": "internal_error"}}
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/")
+    async def playground() -> Response:
+        return HTMLResponse(playground_html(), headers={
+            # The page runs only its own inline script and talks only to this server.
+            "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+            "style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff"})
 
     @app.get("/health")
     async def health(request: Request) -> Response:
@@ -157,7 +209,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     async def tokenize(request: Request) -> Response:
         """vLLM's /tokenize: a prompt (or chat messages, through the template) to ids."""
         authorize(request, api_key)
-        data = parse_json_object(await read_body(request, max_body_bytes))
+        data = parse_json_object(await read_body(request, max_body_bytes, body_timeout))
         model = engine.model
         if "messages" in data:
             ids = model.encode(chat_prompt(data.get("messages"), template()))
@@ -173,7 +225,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         authorize(request, api_key)
-        data = parse_json_object(await read_body(request, max_body_bytes))
+        data = parse_json_object(await read_body(request, max_body_bytes, body_timeout))
         model = engine.model
         tokens = data.get("tokens")
         vocab = model.manifest.vocab_size
@@ -206,15 +258,11 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     Parse = Callable[[bytes, Model], tuple[CompletionCall, StreamFormatter]]
 
     async def serve(request: Request, parse: Parse) -> Response:
-        try:  # refusals before the engine sees the request are counted here
-            authorize(request, api_key)
-            body = await read_body(request, max_body_bytes)
-            model = engine.model
-            call, formatter = (await asyncio.to_thread(parse, body, model)
-                               if len(body) > _PARSE_OFF_LOOP_BYTES else parse(body, model))
-        except ServeError as exc:
-            engine.metrics.outcome(exc.outcome)
-            raise
+        authorize(request, api_key)
+        body = await read_body(request, max_body_bytes, body_timeout)
+        model = engine.model
+        call, formatter = (await asyncio.to_thread(parse, body, model)
+                           if len(body) > _PARSE_OFF_LOOP_BYTES else parse(body, model))
         stream = engine.stream(call.request)  # raises QueueFullError etc. (engine counts)
         streaming = False
         try:
@@ -269,19 +317,31 @@ def authorize(request: Request, api_key: str | None) -> None:
         raise UnauthorizedError("invalid API key.")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(request: Request, limit: int,
+                    timeout: float = DEFAULT_BODY_TIMEOUT) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and
+    with 408 when it takes over ``timeout`` seconds to arrive (a slow client holds a
+    connection and a task for as long as it sends)."""
     too_large = PayloadTooLargeError(f"the request body is over the limit of {limit} bytes; "
                                      "send a shorter prompt.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+
+    async def receive() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), timeout)
+    except TimeoutError as exc:
+        raise BodyTimeoutError(f"the request body did not arrive within {timeout:g} s; "
+                               "send it at once.") from exc
     return b"".join(chunks)
 
 
@@ -297,10 +357,9 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.cancelled():
+    if task.done():  # finished first (or together with the disconnect): its result counts
         return task.result()
+    task.cancel()  # requested only: the task is not cancelled yet, so never read its result
     raise ClientGone
 
 

@@ -179,7 +179,7 @@ class Engine:
         self._queued_rows = 0
         self._queued_tokens = 0
         self._live: list[Ticket] = []  # engine thread only: tickets the scheduler holds
-        self._slot_seq: dict[int, SeqState] = {}  # engine thread only
+        self._slot_seq: dict[int, SeqState] = {}  # changed on the engine thread
         self._stopping = False
         self._drain_deadline = math.inf
         self._ready = threading.Event()
@@ -317,9 +317,11 @@ class Engine:
                 self._wake.notify()
         except (QueueFullError, NotReadyError, ShuttingDownError) as exc:
             self.metrics.outcome(exc.outcome)
+            exc.counted = True  # type: ignore[attr-defined]  # the HTTP layer counts the rest
             raise
-        except InvalidParameterError:
+        except InvalidParameterError as exc:
             self.metrics.outcome("bad_request")
+            exc.counted = True  # type: ignore[attr-defined]  # the HTTP layer counts the rest
             raise
         return ticket
 
@@ -533,13 +535,15 @@ class Engine:
         seqs = self.scheduler.admit(free)
         if not seqs:
             return
+        # Leaving the queue and taking a slot in one locked step: ``submit`` counts free
+        # slots and queued rows together, and must never see a row in neither.
         with self._wake:
             self._unqueue(len(seqs), sum(s.prompt_tokens for s in seqs))
-        for seq in seqs:
-            ticket = seq.owner
-            assert isinstance(ticket, Ticket) and seq.slot is not None
-            ticket.slots[seq.index] = seq.slot
-            self._slot_seq[seq.slot] = seq
+            for seq in seqs:
+                ticket = seq.owner
+                assert isinstance(ticket, Ticket) and seq.slot is not None
+                ticket.slots[seq.index] = seq.slot
+                self._slot_seq[seq.slot] = seq
         try:
             if self._continuous:
                 assert self._gen is not None

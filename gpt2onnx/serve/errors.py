@@ -45,6 +45,10 @@ class PayloadTooLargeError(ServeError):
     status, type, code, outcome = 413, "invalid_request_error", "request_too_large", "too_large"
 
 
+class BodyTimeoutError(ServeError):
+    status, type, code, outcome = 408, "invalid_request_error", "body_timeout", "bad_request"
+
+
 class EngineError(ServeError):
     """Raised by the engine for a request it accepted or refused."""
 

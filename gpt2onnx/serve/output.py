@@ -104,6 +104,8 @@ class OutputProcessor:
             return
         ticket.finished = True
         self.metrics.outcome(outcome)
+        if isinstance(last, BaseException):
+            last.counted = True  # type: ignore[attr-defined]  # not again by the HTTP layer
         if last is not None:
             self.push(ticket, last)
 

@@ -136,15 +136,61 @@ def plan_row_checked(ids: list[int], params: GenerationParams, model: Model
     return _checked(plan_row, ids, params, model.context_length, model.manifest.vocab_size)
 
 
+# Requests are a few levels deep (messages -> content parts -> text); far deeper is an
+# attack on the parser or on whoever walks the value later.
+MAX_JSON_DEPTH = 32
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object whose strings are all valid Unicode, at most
+    ``MAX_JSON_DEPTH`` levels deep; anything else is a 400 naming what is wrong."""
     try:
         data = json.loads(body)
+    except RecursionError as exc:
+        raise BadRequestError(f"the body nests JSON too deeply; at most {MAX_JSON_DEPTH} "
+                              "levels are allowed.", None, "invalid_json") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"the body is not valid JSON: {exc}.", None, "invalid_json") \
             from exc
     if not isinstance(data, dict):
         raise BadRequestError("the body must be a JSON object.", None, "invalid_type")
+    _check_json_values(data)
     return data
+
+
+def _check_json_values(data: dict[str, Any]) -> None:
+    """No lone surrogates (JSON's "\\ud800" escape decodes to one, which no tokenizer or
+    encoder takes) and no deep nesting, walked without recursion."""
+    todo: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequestError(f"the body nests JSON {depth} levels deep at {path!r}; at "
+                                  f"most {MAX_JSON_DEPTH} are allowed.", path.split(".")[0]
+                                  or None, "invalid_json")
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, list):
+            items = ((str(i), v) for i, v in enumerate(value))
+        else:
+            if isinstance(value, str):
+                _check_unicode(value, path)
+            continue
+        for key, item in items:
+            _check_unicode(key, path)
+            todo.append((item, f"{path}.{key}" if path else key, depth + 1))
+
+
+def _check_unicode(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start:exc.end].encode("utf-8", "backslashreplace").decode()
+        raise BadRequestError(
+            f"{path or 'the body'} holds a lone UTF-16 surrogate ({bad} at character "
+            f"{exc.start}), which is not text; send valid Unicode (pair each high "
+            "surrogate \\ud800-\\udbff with a low one \\udc00-\\udfff).",
+            path.split(".")[0] or None, "invalid_value") from exc
 
 
 def _or_default(data: dict[str, Any], key: str, default: Any) -> Any:

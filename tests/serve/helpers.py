@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -92,3 +93,31 @@ def slow_steps(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
         return original(self)
 
     monkeypatch.setattr(Generator, "generate_next_token", slow)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The CLI in a subprocess, with decode steps slowed so a stream is still running when
+# SIGTERM arrives.
+SLOW_SERVER = """
+import sys, time
+from gpt2onnx.runtime.generator import Generator
+original = Generator.generate_next_token
+def slow(self):
+    time.sleep(0.02)
+    return original(self)
+Generator.generate_next_token = slow
+from gpt2onnx.serve.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -151,7 +151,8 @@ def test_context_errors_say_context_length_exceeded(client: TestClient) -> None:
 
 def test_body_over_the_limit_gets_413(client: TestClient) -> None:
     body = json.dumps({"prompt": "x" * 5000}).encode()
-    assert_error(client.post("/v1/completions", content=body), 413, None)
+    json_type = {"content-type": "application/json"}
+    assert_error(client.post("/v1/completions", content=body, headers=json_type), 413, None)
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: refused while reading
         yield b'{"prompt": "'
@@ -159,7 +160,8 @@ def test_body_over_the_limit_gets_413(client: TestClient) -> None:
             yield b"x" * 1000
         yield b'"}'
 
-    assert_error(client.post("/v1/completions", content=chunked()), 413, None)
+    assert_error(client.post("/v1/completions", content=chunked(), headers=json_type), 413,
+                 None)
 
 
 def test_format_1_folder_refuses_prompt_logprobs_with_a_400(tiny_checkpoint, tmp_path):

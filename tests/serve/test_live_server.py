@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,10 @@ import pytest
 from gpt2onnx.serve import Engine
 from tests.serve.helpers import (
     MODEL_NAME,
+    SLOW_SERVER,
     LiveServer,
+    free_port,
+    healthy,
     parse_sse,
     rss_bytes,
     slow_steps,
@@ -196,34 +198,13 @@ def test_the_official_openai_client_works(module_engine: Engine,
         wrong.completions.create(model=MODEL_NAME, prompt="Hi")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# The CLI in a subprocess, with decode steps slowed so a stream is still running when
-# SIGTERM arrives.
-SLOW_SERVER = """
-import sys, time
-from gpt2onnx.runtime.generator import Generator
-original = Generator.generate_next_token
-def slow(self):
-    time.sleep(0.02)
-    return original(self)
-Generator.generate_next_token = slow
-from gpt2onnx.serve.__main__ import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_sigterm_finishes_in_flight_streams_then_exits(tiny_fused: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(tiny_fused), "--port",
                              str(port), "--log-level", "warning"])
     try:
-        assert wait_until(lambda: _healthy(url), timeout=60), "server did not become healthy"
+        assert wait_until(lambda: healthy(url), timeout=60), "server did not become healthy"
         payload = {"prompt": "Until the end", "max_tokens": 60, "temperature": 0,
                    "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=30) as r:
@@ -241,13 +222,6 @@ def test_sigterm_finishes_in_flight_streams_then_exits(tiny_fused: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.mark.parametrize(("flag", "field", "low"), [
