@@ -53,7 +53,7 @@ from gpt2onnx.serve.errors import (
 )
 from gpt2onnx.serve.metrics import ServeMetrics
 from gpt2onnx.serve.output import OutputProcessor, Ticket
-from gpt2onnx.serve.scheduler import Scheduler, SeqState
+from gpt2onnx.serve.scheduler import Scheduler, SeqState, StallBudget
 from gpt2onnx.serve.streams import AsyncStream, Push, SyncStream
 
 log = logging.getLogger("gpt2onnx.serve")
@@ -61,6 +61,8 @@ log = logging.getLogger("gpt2onnx.serve")
 # Prompt length of the warm-up passes: about a chat turn, so the arena is sized for the
 # prompts a server mostly sees (a longer one still grows it once, on first use).
 WARMUP_PROMPT_TOKENS = 32
+# The smallest prompt chunk a step runs while rows decode (see EngineConfig.max_stall).
+MIN_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class EngineConfig:
         max_choices: OpenAI's ``n``: rows one prompt may ask for.
         prefill_chunk: prompt tokens run per step at most while rows decode: a decoding
             row waits at most this much prefill between two of its tokens.
+        max_stall: a step with prompt chunks takes at most this many plain decode steps,
+            from measured run times (``scheduler.StallBudget``): the chunk shrinks below
+            ``prefill_chunk`` when the batch is big enough for it to matter (down to
+            ``MIN_CHUNK`` tokens, so that prefill keeps moving). None: always
+            ``prefill_chunk``.
         max_step_tokens: prompt tokens run per step while no row decodes.
         prefix_cache_mb: host memory for reusable prompt blocks (prefix caching; 0 turns it
             off). CPU folders only.
@@ -95,7 +102,8 @@ class EngineConfig:
     max_queued_tokens: int = 1 << 20
     request_timeout: float | None = 600.0
     max_choices: int = 8
-    prefill_chunk: int = 32
+    prefill_chunk: int = 64
+    max_stall: float | None = 1.8
     max_step_tokens: int = 2048
     prefix_cache_mb: int = 256
     prefix_block_tokens: int = 16
@@ -120,6 +128,8 @@ class EngineConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidParameterError(name, f"{name} must be an integer >= {low}, "
                                             f"got {value!r}.")
+        if self.max_stall is not None:
+            StallBudget(self.max_stall, MIN_CHUNK, self.prefill_chunk)  # checks the ratio
         t = self.request_timeout
         if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             raise InvalidParameterError("request_timeout", "request_timeout must be a positive "
@@ -173,6 +183,9 @@ class Engine:
         self._continuous = True
         self.scheduler = Scheduler(self.config.max_batch_size, self.config.prefill_chunk,
                                    self.config.max_step_tokens)
+        c = self.config
+        self._stall = (StallBudget(c.max_stall, MIN_CHUNK, c.prefill_chunk)
+                       if c.max_stall is not None else None)
         self._wake = threading.Condition()
         # Guarded by _wake: tickets not yet handed to the scheduler, and what waits in all.
         self._inbox: deque[Ticket] = deque()
@@ -577,14 +590,16 @@ class Engine:
             for seq in sched.prefilling:  # a copy whose original left prefills on its own
                 assert seq.slot is not None
                 seq.left = gen.prompt_left(seq.slot)
-        plan = sched.plan()
+        plan = sched.plan(self._stall.tokens() if self._stall is not None else None)
         if not plan.chunks:
             return
         left = sum(s.left for s, _ in plan.chunks)
         hits = self._prefix.stats.hits if self._prefix is not None else 0
         try:
             if self._continuous:
+                t0 = time.perf_counter()
                 done = gen.prefill([(s.slot, n) for s, n in plan.chunks])
+                took = time.perf_counter() - t0
             else:
                 gen.generate_next_token()  # the batch's first run: every prompt
                 done = [s.slot for s in sched.prefilling]
@@ -609,6 +624,8 @@ class Engine:
             self._count_prefix()
         m = self.metrics
         ran = left - after - hits
+        if self._stall is not None and self._continuous and ran > 0 and plan.decode_rows:
+            self._stall.chunk(ran, took)
         m.prefill_chunks.inc(len(plan.chunks))
         m.prompt_tokens.inc(ran)
         m.step_tokens.observe(ran + plan.decode_rows)
@@ -625,7 +642,10 @@ class Engine:
         gen = self._gen
         assert gen is not None
         try:
+            t0 = time.perf_counter()
             gen.generate_next_token()
+            if self._stall is not None and gen.drafter is None:
+                self._stall.decode(time.perf_counter() - t0)
         except Exception as exc:
             # The decoding rows shared that run: fail their requests. Rows still prefilling
             # are untouched, and the generator keeps serving (its lengths did not move).

@@ -7,7 +7,9 @@ step's work is one decode token for every decoding row plus prompt chunks that f
 step's token budget:
 
 - while any row decodes, a step runs at most ``chunk_tokens`` prompt tokens, so a
-  decoding row never waits for more than one chunk between its tokens;
+  decoding row never waits for more than one chunk between its tokens; a ``StallBudget``
+  may lower that per step, from measured run times, so that a step with a chunk takes at
+  most a set multiple of a plain decode step;
 - with nothing decoding nobody waits, and a step runs up to ``idle_tokens``.
 
 Fairness: rows get slots in arrival order (a row never overtakes an older one for a
@@ -112,15 +114,18 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------
 
-    def plan(self) -> StepPlan:
+    def plan(self, chunk_limit: int | None = None) -> StepPlan:
         """The prompt chunks of this step: the prefilling rows oldest first, each as much
         of its prompt as the budget has left. Rows with nothing left to run (they copy an
-        identical prompt's slot) get no chunk."""
+        identical prompt's slot) get no chunk. ``chunk_limit`` lowers the budget of a step
+        with decoding rows (a ``StallBudget``'s ``tokens()``)."""
         decoding = len(self.running)
         if not self.joinable:  # whole prompts, in the batch's first run
             return StepPlan([(s, s.left) for s in self.prefilling if s.left], decoding,
                             sum(s.left for s in self.prefilling))
         budget = self.chunk_tokens if decoding else self.idle_tokens
+        if decoding and chunk_limit is not None:
+            budget = max(1, min(budget, chunk_limit))
         left = budget
         chunks: list[tuple[SeqState, int]] = []
         for seq in self.prefilling:
@@ -165,3 +170,67 @@ class Scheduler:
         self.waiting.clear()
         self.prefilling, self.running = [], []
         return held
+
+
+class StallBudget:
+    """How many prompt tokens a step may run while rows decode, so that the step takes at
+    most ``ratio`` times a plain decode step: a decoding row's gap between two tokens
+    stays within ``ratio`` times its usual gap.
+
+    Prompt chunks and decode tokens are separate model runs on the CPU (see the engine),
+    so a chunk of n tokens costs a + b*n: a fixed part (one more pass over the weights,
+    about half a decode step of 15 gpt2 rows on a 2-core CPU) and a part per token. The
+    budget fits a and b to the chunk runs it is shown (exponentially weighted least
+    squares, so it follows a changing load) and d, the decode step, to the decode runs,
+    and allows the largest n with a + b*n <= (ratio - 1) * d, kept within [low, high]:
+    ``low`` keeps prefill moving where even one token costs more than the stall allowed.
+    """
+
+    def __init__(self, ratio: float, low: int, high: int, decay: float = 0.9) -> None:
+        if not (isinstance(ratio, (int, float)) and 1.0 < ratio < 1e6):
+            raise InvalidParameterError("max_stall", f"max_stall must be a ratio above 1 "
+                                        f"(2 = a step with prompt chunks takes at most two "
+                                        f"decode steps), got {ratio!r}.")
+        self.ratio = float(ratio)
+        self.low, self.high = _check("prefill_chunk_min", low), _check("prefill_chunk", high)
+        self.low = min(self.low, self.high)
+        self.decay = decay
+        self.decode_s: float | None = None  # EMA of a plain decode step
+        # Weighted sums for the fit of chunk seconds = a + b * tokens.
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+
+    def decode(self, seconds: float) -> None:
+        """A decode run took ``seconds``."""
+        d = self.decode_s
+        self.decode_s = seconds if d is None else self.decay * d + (1 - self.decay) * seconds
+
+    def chunk(self, tokens: int, seconds: float) -> None:
+        """A prefill run of ``tokens`` prompt tokens took ``seconds``."""
+        k = self.decay
+        self._w = k * self._w + 1
+        self._n = k * self._n + tokens
+        self._t = k * self._t + seconds
+        self._nn = k * self._nn + tokens * tokens
+        self._nt = k * self._nt + tokens * seconds
+
+    def cost(self) -> tuple[float, float] | None:
+        """The fitted (a, b), or None before any chunk ran."""
+        if self._w == 0:
+            return None
+        mean_n, mean_t = self._n / self._w, self._t / self._w
+        var = self._nn / self._w - mean_n * mean_n
+        if var <= 1e-9 * max(1.0, mean_n * mean_n):  # one chunk size seen: all of it per token
+            return 0.0, mean_t / max(mean_n, 1.0)
+        b = max((self._nt / self._w - mean_n * mean_t) / var, 0.0)
+        return max(mean_t - b * mean_n, 0.0), b
+
+    def tokens(self) -> int:
+        """This step's prompt-token limit."""
+        fit = self.cost()
+        if self.decode_s is None or fit is None:
+            return self.high  # nothing measured yet: the configured chunk
+        a, b = fit
+        room = (self.ratio - 1.0) * self.decode_s - a
+        if b <= 0:
+            return self.high if room > 0 else self.low
+        return int(min(self.high, max(self.low, room / b)))

@@ -154,3 +154,61 @@ def test_drop_forgets_waiting_and_admitted_rows_of_one_request() -> None:
 def test_bad_budgets_are_refused_by_name(kwargs: dict, name: str) -> None:
     with pytest.raises(InvalidParameterError, match=name):
         Scheduler(**kwargs)
+
+
+# ---- the stall budget -----------------------------------------------------------------
+
+def test_stall_budget_fits_the_chunk_cost_and_keeps_the_ratio() -> None:
+    from gpt2onnx.serve.scheduler import StallBudget
+
+    budget = StallBudget(1.8, low=8, high=64)
+    assert budget.tokens() == 64  # nothing measured: the configured chunk
+    # Costs as measured for gpt2 fp32 at 15 rows: a = 14 ms, b = 0.55 ms/token, d = 27.6 ms.
+    for n in (64, 32, 16, 24, 8, 40, 12):
+        budget.chunk(n, 0.014 + 0.00055 * n)
+        budget.decode(0.0276)
+    a, b = budget.cost()  # type: ignore[misc]
+    assert a == pytest.approx(0.014, rel=1e-6) and b == pytest.approx(0.00055, rel=1e-6)
+    n = budget.tokens()
+    assert n == int((0.8 * 0.0276 - 0.014) / 0.00055)
+    assert 0.0276 + 0.014 + 0.00055 * n <= 1.8 * 0.0276  # the step stays within the ratio
+    # A bigger batch (slower decode step) affords a bigger chunk, up to the cap.
+    for _ in range(60):
+        budget.decode(0.2)
+    assert budget.tokens() == 64
+    # A stall that not even one token fits in: the floor keeps prefill moving.
+    for _ in range(60):
+        budget.decode(0.005)
+    assert budget.tokens() == 8
+
+
+def test_stall_budget_with_one_chunk_size_assumes_no_fixed_cost() -> None:
+    from gpt2onnx.serve.scheduler import StallBudget
+
+    budget = StallBudget(2.0, low=4, high=32)
+    budget.chunk(16, 0.016)  # 1 ms per token, as far as it can tell
+    budget.decode(0.010)
+    assert budget.cost() == (0.0, pytest.approx(0.001))
+    assert budget.tokens() == 10
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, -2, float("nan"), float("inf"), "2"])
+def test_stall_budget_refuses_ratios_at_or_below_one(ratio: object) -> None:
+    from gpt2onnx.serve.scheduler import StallBudget
+
+    with pytest.raises(InvalidParameterError, match="max_stall"):
+        StallBudget(ratio, low=4, high=32)  # type: ignore[arg-type]
+
+
+def test_plan_takes_the_chunk_limit_only_while_rows_decode() -> None:
+    sched = Scheduler(4, chunk_tokens=64, idle_tokens=256)
+    long = SeqState("a", 0, 500, left=500)
+    sched.enqueue([long])
+    sched.admit([0])
+    assert sched.plan(chunk_limit=10).prefill_tokens == 256  # nothing decodes: idle budget
+    other = SeqState("b", 0, 5, left=5)
+    sched.enqueue([other])
+    sched.admit([1])
+    sched.started(other)
+    assert sched.plan(chunk_limit=10).prefill_tokens == 10
+    assert sched.plan(chunk_limit=1000).prefill_tokens == 64  # never above the chunk
