@@ -50,8 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "a running stream waits at most this much prefill between tokens")
     p.add_argument("--max-stall", type=float, default=d.max_stall,
                    help="a step with prompt chunks takes at most this many plain decode steps "
-                        "(measured; the chunk shrinks below --prefill-chunk to keep it); 0 = "
-                        "always --prefill-chunk")
+                        "(measured; the chunk shrinks below --prefill-chunk to keep it): "
+                        "smoother streams, slower prefill; default off (always "
+                        "--prefill-chunk)")
     p.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens,
                    help="prompt tokens run per step while no row decodes")
     p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_queued_tokens=args.max_queued_tokens,
                               request_timeout=args.timeout, max_choices=args.max_n,
                               prefill_chunk=args.prefill_chunk,
-                              max_stall=args.max_stall or None,
+                              max_stall=args.max_stall,
                               max_step_tokens=args.max_step_tokens,
                               prefix_cache_mb=args.prefix_cache_mb,
                               prefix_block_tokens=args.prefix_block_tokens,

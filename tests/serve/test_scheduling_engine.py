@@ -238,3 +238,28 @@ def test_a_request_that_starts_at_once_is_not_held_to_the_token_limit(
     prompt = "A prompt of more than two tokens"
     assert engine.complete_sync(engine.request(prompt, params)).choices[0].text == \
         greedy_text(prompt, 3, **GREEDY)
+
+
+def test_the_stall_budget_changes_chunk_sizes_not_outputs(
+        make_engine: Callable[..., Engine], greedy_text: Callable[..., str]) -> None:
+    """--max-stall: chunk sizes follow measured run times, outputs stay greedy's."""
+    engine = make_engine(max_batch_size=4, prefill_chunk=16, max_stall=1.2)
+    short = GenerationParams(max_new_tokens=40, **GREEDY)
+    long_prompt = [int(t) for t in np.random.default_rng(3).integers(300, 5000, 90)]
+    request = EngineRequest((RowSpec(tuple(engine.model.encode("Running along")), short),
+                             RowSpec(tuple(engine.model.encode("Another one")), short)))
+
+    async def run() -> list[str]:
+        first = asyncio.ensure_future(engine.complete(request))
+        await asyncio.sleep(0.02)  # the long prompt arrives while both rows decode
+        late = EngineRequest((RowSpec(tuple(long_prompt),
+                                      GenerationParams(max_new_tokens=8, **GREEDY)),))
+        done = await asyncio.gather(first, engine.complete(late))
+        return [c.text for d in done for c in d.choices]
+
+    texts = asyncio.run(run())
+    assert texts == [greedy_text("Running along", 40, temperature=0.0),
+                     greedy_text("Another one", 40, temperature=0.0),
+                     greedy_text(long_prompt, 8, temperature=0.0)]
+    assert engine._stall is not None and engine._stall.decode_s is not None
+    assert engine.metrics.prefill_chunks._value.get() >= 90 / 16
