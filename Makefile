@@ -11,6 +11,11 @@ TORCH  := torch==2.13.0
 # < 4.58, so it gets its own venv; the tests use it too (optimum folders, transformers 4.57).
 OPT_VENV  := .venv-optimum
 OPT_STAMP := $(OPT_VENV)/.installed
+# onnxruntime-genai runs our standard-layout folders (genai_config.json); its own venv, as
+# it brings its own onnxruntime build.
+GENAI_VENV  := .venv-genai
+GENAI_STAMP := $(GENAI_VENV)/.installed
+GENAI       := onnxruntime-genai==0.18.0
 
 MODEL     ?= models/pydoc-tiny
 OUT       ?= models/pydoc-tiny-onnx
@@ -48,7 +53,7 @@ generate: setup
 
 # Everything, the full-size gpt2 runs included (about 2 extra minutes). pytest exits 5 when
 # it collects nothing (e.g. a -k that matches no test): not a failure.
-test: setup $(OPT_STAMP) browser
+test: setup $(OPT_STAMP) $(GENAI_STAMP) browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
@@ -64,7 +69,7 @@ browser:
 	  else echo "no chromium: the playground's browser test will be skipped"; fi; fi
 
 # Without the full-size gpt2 runs (marked slow).
-test-fast: setup $(OPT_STAMP)
+test-fast: setup $(OPT_STAMP) $(GENAI_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Only the full-size gpt2 architecture (random weights): every layout and precision.
@@ -84,7 +89,13 @@ $(OPT_STAMP):
 		accelerate psutil
 	touch $@
 
-bench-setup: setup $(OPT_STAMP)
+$(GENAI_STAMP):
+	$(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install -q --upgrade pip
+	$(GENAI_VENV)/bin/pip install -q '$(GENAI)' numpy
+	touch $@
+
+bench-setup: setup $(OPT_STAMP) $(GENAI_STAMP)
 
 # The full bench (gpt2 architecture, every variant; ~20-30 min on 2 cores), then the
 # one-step core's (sampled vs greedy, scoring vs transformers; ~10 min), speculative

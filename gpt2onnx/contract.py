@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,40 +152,13 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
+        """Read ``folder/manifest.json`` and check it against the schema
+        (``gpt2onnx.manifest_schema``): a typed ModelFolderError names the first bad field.
+        The file must be a regular file inside the folder, at most MAX_MANIFEST_BYTES."""
+        from gpt2onnx.manifest_schema import parse_manifest  # it imports this module
+
         path = Path(folder) / MANIFEST_FILE
-        try:
-            data: dict[str, Any] = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ModelFolderError(
-                f"{path} does not exist. Export a model folder first: "
-                "`python -m gpt2onnx.export SOURCE OUT_DIR`."
-            ) from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelFolderError(
-                f"{path} is not valid JSON ({exc}); the folder is corrupt. Re-export it."
-            ) from exc
-        if not isinstance(data, dict):
-            raise ModelFolderError(f"{path} must hold a JSON object; re-export the folder.")
-        version = data.get("format_version")
-        if version not in READABLE_FORMAT_VERSIONS:
-            raise ModelFolderError(
-                f"{path} has format_version {version!r}; this gpt2onnx reads versions "
-                f"{list(READABLE_FORMAT_VERSIONS)}. Re-export the folder with this version of "
-                "gpt2onnx."
-            )
-        known = {f.name for f in fields(cls)}
-        required = {
-            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
-        }
-        missing = sorted(required - data.keys())
-        if missing:
-            raise ModelFolderError(f"{path} lacks {missing}; re-export the folder.")
-        manifest = cls(**{k: v for k, v in data.items() if k in known})
-        if manifest.layout not in LAYOUTS:
-            raise ModelFolderError(
-                f"{path}: layout {manifest.layout!r} is not one of {LAYOUTS}; re-export."
-            )
-        return manifest
+        return parse_manifest(read_small_json(path, Path(folder)), str(path))
 
     def last_position_only(self, wanted: str) -> str:
         """Why a format-1 folder cannot give ``wanted`` (logits past the last position),
@@ -200,6 +173,65 @@ class Manifest:
         and the standard layout, which returns every position); fused format-1 folders
         return each row's last position only."""
         return self.layout == LAYOUT_STANDARD or LOGITS_INDEX in self.inputs
+
+
+# Keys of the ONNX metadata_props the exporter writes into the graph itself, so the
+# runtime can refuse a manifest edited to disagree with the graph (e.g. a longer
+# context than the position table holds).
+PROP_CONTEXT_LENGTH = "gpt2onnx.context_length"
+PROP_VOCAB_SIZE = "gpt2onnx.vocab_size"
+PROP_N_LAYER = "gpt2onnx.n_layer"
+PROP_N_HEAD = "gpt2onnx.n_head"
+PROP_HEAD_DIM = "gpt2onnx.head_dim"
+
+
+def graph_props(manifest: Manifest) -> dict[str, str]:
+    """The shape facts the graph carries in its metadata_props (values are strings, as
+    ONNX stores them); the runtime compares them with the manifest at load."""
+    return {
+        PROP_CONTEXT_LENGTH: str(manifest.context_length),
+        PROP_VOCAB_SIZE: str(manifest.vocab_size),
+        PROP_N_LAYER: str(manifest.n_layer),
+        PROP_N_HEAD: str(manifest.n_head),
+        PROP_HEAD_DIM: str(manifest.head_dim),
+    }
+
+
+MAX_MANIFEST_BYTES = 4 << 20  # a real manifest is ~1-2 KB; a huge one is not ours
+
+
+def read_small_json(path: Path, folder: Path, limit: int = MAX_MANIFEST_BYTES) -> Any:
+    """The decoded content of a small UTF-8 JSON file of the folder (or ModelFolderError
+    naming the file and the fix): it must be a regular file inside
+    ``folder`` (a symlink out is refused before it is opened) of at most ``limit`` bytes."""
+    try:
+        real = path.resolve()
+        inside = real.is_relative_to(folder.resolve())
+        regular = real.is_file()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ModelFolderError(f"{path} cannot be resolved ({exc}); re-export the folder."
+                               ) from exc
+    if not path.exists() and not path.is_symlink():
+        raise ModelFolderError(f"{path} does not exist. Export a model folder first: "
+                               "`python -m gpt2onnx.export SOURCE OUT_DIR`.")
+    if not inside or not regular:
+        raise ModelFolderError(
+            f"{path} is not a regular file inside {folder} (a folder, a device, or a link "
+            "out of it); the folder is corrupt or was edited: re-export it.")
+    try:
+        with open(real, "rb") as handle:
+            raw = handle.read(limit + 1)
+    except OSError as exc:
+        raise ModelFolderError(f"{path} could not be read ({exc}); check its permissions "
+                               "or re-export the folder.") from exc
+    if len(raw) > limit:
+        raise ModelFolderError(f"{path} is over {limit} bytes, far larger than any manifest "
+                               "gpt2onnx writes; the folder is corrupt: re-export it.")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 5000-digit ints, nesting
+        raise ModelFolderError(f"{path} is not valid JSON in UTF-8 ({exc}); the folder is "
+                               "corrupt: re-export it.") from exc
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

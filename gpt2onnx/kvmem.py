@@ -9,9 +9,10 @@ is also what ``Model.cache(batch)`` costs. Standard library only.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from gpt2onnx.cli import Parser, int_in, run_main
 
 
 @dataclass(frozen=True)
@@ -71,18 +72,24 @@ def table(models: Sequence[str], batches: Sequence[int], seqs: Sequence[int],
     return "\n".join(lines)
 
 
+# A table cell is bytes for batch x seq tokens; beyond these the sizes are not a cache anyone
+# holds, and huge values would only print exbibytes.
+MAX_BATCH = 1 << 20
+MAX_SEQ = 1 << 24
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.kvmem", description=__doc__.split(
-        "\n")[0])
+    return run_main(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    p = Parser(prog="python -m gpt2onnx.kvmem", description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", choices=sorted(GPT2_FAMILY), default=list(GPT2_FAMILY))
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
-    p.add_argument("--seq", nargs="+", type=int, default=[128, 512, 1024])
+    p.add_argument("--batch", nargs="+", type=int_in(1, MAX_BATCH), default=[1, 8, 32])
+    p.add_argument("--seq", nargs="+", type=int_in(1, MAX_SEQ), default=[128, 512, 1024])
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPE_BYTES), default=["fp32", "fp16"])
     args = p.parse_args(argv)
-    bad = [v for v in [*args.batch, *args.seq] if v < 1]
-    if bad:
-        p.error(f"--batch and --seq must be >= 1, got {bad[0]}")
-    print(table(args.model, args.batch, args.seq, args.dtype))
+    print(table(args.model, args.batch, args.seq, args.dtype), flush=True)
     return 0
 
 

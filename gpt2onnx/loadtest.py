@@ -27,6 +27,13 @@ from typing import Any
 
 import httpx
 
+from gpt2onnx.cli import Parser, float_in, int_in, run_main, utf8_text
+from gpt2onnx.runtime.params import MAX_TEMPERATURE
+
+# Each request in flight holds a connection (a file descriptor) and a task: far beyond what
+# one client process can drive, and what a typo like 10**6 would try to open.
+MAX_CONCURRENCY = 10_000
+MAX_TIMEOUT_S = 86_400.0  # a day: longer is a typo, and asyncio rejects huge timeouts
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
 
 
@@ -312,26 +319,29 @@ def format_report(r: LoadReport) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.loadtest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m gpt2onnx.loadtest", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
-    p.add_argument("--requests", type=int, default=32, help="requests in total")
+    p.add_argument("--concurrency", type=int_in(1, MAX_CONCURRENCY), default=1,
+                   help=f"requests in flight at once, in [1, {MAX_CONCURRENCY}]")
+    p.add_argument("--requests", type=int_in(1), default=32, help="requests in total")
     p.add_argument("--stream", action="store_true", help="stream (measures TTFT/TPOT/ITL)")
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="requests started per second, Poisson (default: inf, closed loop)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the request arrival times")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
+    p.add_argument("--seed", type=int_in(0), default=0, help="seeds the request arrival times")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, type=utf8_text)
+    p.add_argument("--max-tokens", type=int_in(1), default=64)
+    p.add_argument("--random-range-ratio", type=float_in(0.0, 1.0), default=0.0, metavar="R",
                    help="draw each request's max_tokens uniformly in [M(1-R), M(1+R)] "
                         "(default 0: all M), like vllm bench serve's random dataset")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=0.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly --max-tokens tokens (default: on)")
-    p.add_argument("--model", default=None, help="model id (default: the server's first)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--model", default=None, type=utf8_text,
+                   help="model id (default: the server's first)")
+    p.add_argument("--api-key", default=None, type=utf8_text)
+    p.add_argument("--timeout", type=float_in(0.0, MAX_TIMEOUT_S, low_open=True),
+                   default=600.0, help="seconds per request")
     p.add_argument("--distinct-prompts", action=argparse.BooleanOptionalAction, default=True,
                    help="end request i's prompt in ' #i', so no two requests share a prompt "
                         "and a server that prefills a repeated prompt once gets no help "
@@ -347,8 +357,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(exc))
     if args.goodput.keys() & {"ttft", "tpot"} and not args.stream:
         p.error("--goodput ttft/tpot needs --stream (only a stream shows the first token)")
-    if args.concurrency < 1 or args.requests < 1:
-        p.error("--concurrency and --requests must be >= 1")
     if not args.request_rate > 0:
         p.error("--request-rate must be > 0")
     if args.max_tokens < 1:
@@ -359,6 +367,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     payload: dict[str, Any] = {"prompt": args.prompt, "max_tokens": args.max_tokens,
                                "temperature": args.temperature, "stream": args.stream,
@@ -377,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as exc:
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2
-    print(format_report(report))
+    print(format_report(report), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(asdict(report), handle, indent=2)

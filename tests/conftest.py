@@ -1,7 +1,8 @@
 """Shared fixtures: tiny GPT-2 checkpoints built locally (no hub) and their exports.
 
 Checkpoints use the real GPT-2 tokenizer (tests/data/gpt2-tokenizer) so text round-trips
-as it would with `gpt2`; weights are random from a fixed seed.
+as it would with `gpt2` (a small trained byte-level BPE when vocab_size is below GPT-2's);
+weights are random from a fixed seed.
 """
 
 from __future__ import annotations
@@ -23,18 +24,56 @@ TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
 
 
+GPT2_VOCAB = 50257
+# Text a small tokenizer is trained on: every byte is in a byte-level alphabet anyway, so
+# any text encodes; this makes common English pieces single tokens.
+_TRAINING_TEXT = (
+    "Return a new list containing all items from the iterable in ascending order.",
+    "The module provides functions for working with files and directories, such as",
+    "If the optional argument is given, the function raises a ValueError when the value",
+    "Once upon a time there was a little town by the sea where everybody knew each other.",
+    "def main(argv: list[str] | None = None) -> int: return 0",
+)
+
+
 def build_checkpoint(folder: Path, seed: int = 0, **config: Any) -> Path:
-    """Save a random-weight GPT2LMHeadModel + the GPT-2 tokenizer into ``folder``."""
+    """Save a random-weight GPT2LMHeadModel and a tokenizer that fits it into ``folder``:
+    the real GPT-2 tokenizer at GPT-2's vocabulary size, else a byte-level BPE trained
+    here with at most ``vocab_size`` tokens (and BOS/EOS 0, its <|endoftext|>)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    merged = {**TINY, **config}
+    small = merged["vocab_size"] < GPT2_VOCAB
+    if small:
+        merged = {"bos_token_id": 0, "eos_token_id": 0, **merged}
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(**{**TINY, **config})).eval()
+    model = GPT2LMHeadModel(GPT2Config(**merged)).eval()
     model.save_pretrained(folder)
+    if small:
+        save_small_tokenizer(folder, merged["vocab_size"])
+        return folder
     for f in TOKENIZER_DIR.iterdir():
         if f.name != "README.md":
             shutil.copy(f, folder / f.name)
     return folder
+
+
+def save_small_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A GPT-2 style (byte-level BPE) tokenizer with ids below ``vocab_size``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(_TRAINING_TEXT, trainer=trainer)
+    assert tokenizer.get_vocab_size() <= vocab_size, "vocab_size is below the byte alphabet"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>").save_pretrained(str(folder))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,3 +23,18 @@ def run_peer(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([str(PEER_PYTHON), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
+
+
+# onnxruntime-genai in its own venv (.venv-genai, `make test` makes it): it ships its own
+# onnxruntime build, which must not replace ours.
+GENAI_PYTHON = ROOT / ".venv-genai" / "bin" / "python"
+
+requires_genai = pytest.mark.skipif(
+    not GENAI_PYTHON.exists(),
+    reason="needs the onnxruntime-genai venv: run `make .venv-genai/.installed` (make test does)")
+
+
+def run_genai(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the genai venv's python (without this checkout on its path: genai alone)."""
+    return subprocess.run([str(GENAI_PYTHON), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)

@@ -30,6 +30,7 @@ from gpt2onnx.bench.variants import (
     TORCH_KINDS,
     Variant,
 )
+from gpt2onnx.cli import Parser, int_in, run_main
 from gpt2onnx.kvmem import kv_cache_bytes
 from gpt2onnx.kvmem import table as kv_table
 
@@ -40,7 +41,7 @@ PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = [v.name for v in (*ALL_VARIANTS, *CUDA_VARIANTS)]
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.bench", description=__doc__.split(
+    p = Parser(prog="python -m gpt2onnx.bench", description=__doc__.split(
         "\n")[0])
     p.add_argument("--smoke", action="store_true",
                    help="tiny model, few tokens, no optimum: the CI mode (under a minute)")
@@ -55,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"variants to run (default: all available): {', '.join(names)}")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a GPT-2 checkpoint folder instead of gpt2 / random gpt2 weights")
-    p.add_argument("--runs", type=int, default=None, help="timed decode runs per variant")
+    p.add_argument("--runs", type=int_in(1, 10_000), default=None,
+                   help="timed decode runs per variant")
     p.add_argument("--no-cuda", action="store_true", help="skip CUDA variants even if present")
     return p.parse_args(argv)
 
@@ -265,6 +267,10 @@ def write(results: dict[str, Any], md: str, out: Path, clock: Clock) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     run(args)
     return 0

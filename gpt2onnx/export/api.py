@@ -18,11 +18,15 @@ from gpt2onnx.contract import (
     REPORT_FILE,
     Manifest,
     fused_io,
+    graph_props,
     standard_io,
 )
-from gpt2onnx.errors import InvalidParameterError, ModelFolderError, ValidationError
+from gpt2onnx.errors import InvalidParameterError, ValidationError
+from gpt2onnx.export import destination
 from gpt2onnx.export import folder as mf
 from gpt2onnx.export.checkpoint import ModelSpec, load_model, weights_from_model
+from gpt2onnx.export.genai_config import GENAI_CONFIG_FILE, genai_config
+from gpt2onnx.export.tokenizer_check import load_tokenizer
 
 DEFAULT_LAYOUT = LAYOUT_FUSED
 
@@ -67,10 +71,11 @@ class ExportOptions:
                 f"{self.precision!r}; use --layout fused for fp16/int8/int4.")
         if self.max_length is not None:
             top = spec.n_positions if spec else None
-            if self.max_length < 2 or (top is not None and self.max_length > top):
+            wrong_type = isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+            if wrong_type or self.max_length < 2 or (top is not None and self.max_length > top):
                 raise InvalidParameterError(
                     "max_length", f"max_length must be in [2, {top or 'n_positions'}], got "
-                    f"{self.max_length}; it cannot exceed the model's position table.")
+                    f"{self.max_length!r}; it cannot exceed the model's position table.")
 
 
 class _Progress:
@@ -80,7 +85,8 @@ class _Progress:
         from tqdm import tqdm
 
         self.bar = tqdm(total=len(stages), desc="export", unit="step", file=sys.stderr,
-                        bar_format="{desc}: {n}/{total} {bar} {elapsed}")
+                        bar_format="{desc}: {n}/{total} {bar} {elapsed}",
+                        disable=None)  # None: off when stderr is not a terminal
         self.t0 = time.perf_counter()
 
     def stage(self, name: str) -> None:
@@ -122,33 +128,40 @@ def export_model(source: str | Path, out_dir: str | Path,
 
     Returns the export report (also written as export_report.json).
 
+    A symlinked ``out_dir`` is written through (its target receives the export).
+
     Raises:
-        ModelFolderError, UnsupportedConfigError, InvalidParameterError: bad input.
+        ModelFolderError: bad source, a tokenizer that does not fit the model, or an
+            ``out_dir`` that is not provably an earlier export (it is never touched).
+        UnsupportedConfigError, InvalidParameterError: bad config or options.
         ValidationError: the graph does not match PyTorch; nothing is left in ``out_dir``.
     """
     opts = options or ExportOptions()
     opts.check()
-    out = Path(out_dir)
-    mf.check_destination(out)
+    # Checked before the (slow) load, so a bad OUT_DIR fails in a second.
+    out = destination.resolve_destination(out_dir, source)
     progress = _Progress(["load", "build", "save", "validate", "publish"])
     try:
         progress.stage("loading checkpoint")
         torch_model, spec = load_model(source)
         opts.check(spec)
-        tokenizer = _load_tokenizer(opts.tokenizer or str(source))
+        tokenizer = load_tokenizer(opts.tokenizer or str(source), spec,
+                                   explicit=opts.tokenizer is not None)
         progress.done()
 
         progress.stage(f"building {opts.layout} {opts.precision} graph")
         max_length = opts.max_length or spec.n_positions
         graph = _build(spec, weights_from_model(torch_model), opts, max_length)
+        manifest = _manifest(spec, opts, max_length, str(source))
+        _stamp(graph, manifest)
         progress.done()
 
-        with mf.staging_folder(out) as tmp:
+        with destination.staging_folder(out) as tmp:
             progress.stage("saving")
             files = mf.save_graph(graph, tmp) + mf.save_tokenizer(tokenizer, tmp)
             del graph
             files += _save_generation_config(torch_model, tmp)
-            manifest = _manifest(spec, opts, max_length, str(source))
+            files += _save_genai_config(manifest, tmp)
             manifest.files = mf.hash_files(tmp, files)
             manifest.save(tmp)
             progress.done()
@@ -174,27 +187,43 @@ def export_model(source: str | Path, out_dir: str | Path,
                 if not result.passed:
                     raise ValidationError(
                         f"validation failed for {opts.layout} {opts.precision}; nothing was "
-                        f"written to {out}.\n{result.summary()}")
+                        f"written to {out_dir}.{_tokenizer_hint(result)}\n{result.summary()}")
             else:
                 progress.done()
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
             progress.stage("publishing")
-            mf.publish(tmp, out)
+            destination.publish(tmp, out)
             progress.done()
     finally:
         progress.close()
     return report
 
 
-def _load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
+def _tokenizer_hint(result: Any) -> str:
+    from gpt2onnx.export.validate import TOKENIZER_CHECK
 
-    try:
-        return AutoTokenizer.from_pretrained(source, use_fast=True)
-    except (OSError, ValueError) as exc:
-        raise ModelFolderError(
-            f"cannot load a tokenizer from {source!r}: {exc}. Pass --tokenizer with a folder "
-            "or hub id that has tokenizer files (e.g. 'gpt2').") from exc
+    if any(c.name == TOKENIZER_CHECK and not c.passed for c in result.checks):
+        return (" The folder's tokenizer does not round-trip text within the model's "
+                "vocabulary: pass --tokenizer with the tokenizer this model was trained with.")
+    return ""
+
+
+def _stamp(graph: Any, manifest: Manifest) -> None:
+    """Write the manifest's shape facts into the graph's metadata_props, so the runtime
+    can refuse a manifest edited to disagree with the graph it describes."""
+    import onnx
+
+    props = {p.key: p.value for p in graph.metadata_props} | graph_props(manifest)
+    onnx.helper.set_model_props(graph, props)
+
+
+def _save_genai_config(manifest: Manifest, folder: Path) -> list[str]:
+    """Standard layout: the genai_config.json that lets onnxruntime-genai run the folder."""
+    config = genai_config(manifest)
+    if config is None:
+        return []
+    (folder / GENAI_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return [GENAI_CONFIG_FILE]
 
 
 def _save_generation_config(torch_model: Any, folder: Path) -> list[str]:

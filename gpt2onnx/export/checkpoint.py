@@ -66,6 +66,7 @@ def spec_from_config(config: Any) -> ModelSpec:
             f"model_type is {model_type!r}; gpt2onnx exports GPT-2 (model_type 'gpt2') "
             "checkpoints only (gpt2, distilgpt2, gpt2-medium/large/xl, DialoGPT, fine-tunes)."
         )
+    _check_numbers(config)
     if config.n_embd % config.n_head != 0:
         raise UnsupportedConfigError(
             f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}; "
@@ -85,6 +86,7 @@ def spec_from_config(config: Any) -> ModelSpec:
     eos = config.eos_token_id
     if isinstance(eos, list):
         eos = eos[0] if eos else None
+    _check_special_ids(config)
     return ModelSpec(
         n_layer=config.n_layer,
         n_head=config.n_head,
@@ -102,6 +104,47 @@ def spec_from_config(config: Any) -> ModelSpec:
         eos_token_id=eos,
         pad_token_id=config.pad_token_id,
     )
+
+
+# GPT2Config fields that size the graph: (name, smallest allowed value).
+_SIZE_FIELDS = (("n_layer", 1), ("n_head", 1), ("n_embd", 1), ("n_positions", 2),
+                ("vocab_size", 1))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_numbers(config: Any) -> None:
+    """Types and ranges of the sizes, before any arithmetic on them."""
+    for name, low in _SIZE_FIELDS:
+        value = getattr(config, name, None)
+        if not _is_int(value) or value < low:
+            raise UnsupportedConfigError(
+                f"config.json: {name}={value!r} must be an integer >= {low}; fix config.json "
+                "(it does not describe a GPT-2 model gpt2onnx can build).")
+    n_inner = getattr(config, "n_inner", None)
+    if n_inner is not None and (not _is_int(n_inner) or n_inner < 1):
+        raise UnsupportedConfigError(
+            f"config.json: n_inner={n_inner!r} must be null or an integer >= 1; fix config.json.")
+    eps = getattr(config, "layer_norm_epsilon", None)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1:
+        raise UnsupportedConfigError(
+            f"config.json: layer_norm_epsilon={eps!r} must be a number in (0, 1); fix "
+            "config.json (GPT-2 uses 1e-05).")
+
+
+def _check_special_ids(config: Any) -> None:
+    """BOS/EOS/pad ids must be token ids of the model's vocabulary (or null)."""
+    vocab = config.vocab_size
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, name, None)
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and (not _is_int(token) or not 0 <= token < vocab):
+                raise UnsupportedConfigError(
+                    f"config.json: {name}={value!r} is not a token id of the vocabulary "
+                    f"[0, {vocab - 1}]; set it to a token id below vocab_size={vocab} or to "
+                    "null.")
 
 
 @dataclass
@@ -174,17 +217,47 @@ def load_model(source: str | Path) -> tuple[Any, ModelSpec]:
     src = str(source)
     try:
         config = AutoConfig.from_pretrained(src)
-    except (OSError, ValueError) as exc:
+    # transformers raises OSError, ValueError, KeyError or huggingface_hub's strict
+    # dataclass errors (a string where an int belongs) for a bad config.json.
+    except Exception as exc:
         hint = ("a local folder with config.json and model weights" if Path(src).exists()
                 else "a local checkpoint folder or a Hugging Face hub id such as 'gpt2'")
-        raise ModelFolderError(f"cannot load a config from {src!r}: {exc}. SOURCE must be "
-                               f"{hint}.") from exc
+        raise ModelFolderError(f"cannot load a config from {src!r}: {_one_line(exc)}. "
+                               f"SOURCE must be {hint}.") from exc
     spec = spec_from_config(config)
     # eager attention: the reference whose math the graphs reproduce operation by operation.
     config._attn_implementation = "eager"
     try:
-        model = GPT2LMHeadModel.from_pretrained(src, config=config)
-    except (OSError, ValueError) as exc:
-        raise ModelFolderError(f"cannot load GPT-2 weights from {src!r}: {exc}") from exc
+        model, info = GPT2LMHeadModel.from_pretrained(src, config=config,
+                                                      output_loading_info=True)
+    # A truncated or garbage weights file surfaces as SafetensorError, UnpicklingError,
+    # RuntimeError (shapes that do not match the config) and more: all are the file's fault.
+    except Exception as exc:
+        raise ModelFolderError(
+            f"cannot load GPT-2 weights from {src!r}: {_one_line(exc)}. The weights file "
+            "(model.safetensors or pytorch_model.bin) is corrupt, truncated or does not "
+            "match config.json; re-download or re-save the checkpoint.") from exc
+    _check_loading_info(src, info)
     model = model.to(torch.float32).eval()
     return model, spec
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """transformers' messages span lines (a report table, a field's validation error)."""
+    text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_loading_info(src: str, info: dict[str, Any]) -> None:
+    """transformers fills weights the file lacks (or whose shape differs) with random
+    values and only warns: an export of that would be silently wrong."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = missing or mismatched
+        shown = ", ".join(what[:3]) + (f" and {len(what) - 3} more" if len(what) > 3 else "")
+        problem = "lack" if missing else "have the wrong shape for"
+        raise ModelFolderError(
+            f"the weights in {src!r} {problem} {len(what)} tensor(s) config.json asks for "
+            f"({shown}); the weights file does not match config.json. Fix n_layer/n_embd/"
+            "vocab_size in config.json or re-save the checkpoint.")

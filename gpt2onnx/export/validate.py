@@ -202,7 +202,9 @@ def validate_folder(folder: Path, torch_model: Any, precision: str, provider: st
     names = cache_names(m.n_layer)
     err = _Errors(len(names))
     capacity = min(model.context_length, 64)
-    texts = _text_ids(model, capacity) or [[]]
+    tokenizer_check, texts = _tokenizer_round_trip(folder, m.tokenizer_file, m.vocab_size,
+                                                   capacity)
+    texts = texts or [[]]
 
     for b in range(n_batches):
         # Two rows of different lengths (the shorter is padded by the layout), cut from
@@ -272,6 +274,7 @@ def validate_folder(folder: Path, torch_model: Any, precision: str, provider: st
         f"reference near-uniform, median top-1 p={confidence:.2g} (random weights)")
     report = ValidationReport(precision=precision, thresholds=asdict(th),
                               validated_on=validated_on or provider)
+    report.checks.append(tokenizer_check)
     report.checks.append(Check("logits max|diff|/range", err.logit_rel, th.logits_rel,
                                err.logit_rel <= th.logits_rel))
     for j, (_, present) in enumerate(names):
@@ -301,14 +304,25 @@ def validate_folder(folder: Path, torch_model: Any, precision: str, provider: st
     return report
 
 
-def _text_ids(model: Any, capacity: int) -> list[list[int]]:
-    """The sample texts as token ids, when the tokenizer fits the model's vocabulary."""
-    out = []
+TOKENIZER_CHECK = "tokenizer round trip (texts)"
+
+
+def _tokenizer_round_trip(folder: Path, tokenizer_file: str, vocab: int, capacity: int
+                          ) -> tuple[Check, list[list[int]]]:
+    """Encode and decode the sample texts with the folder's own tokenizer.json (what the
+    runtime will use): a text passes when its ids are inside the model's vocabulary and
+    decode back to the text. Returns the check and the ids of the texts that passed,
+    which the comparisons then run through the runtime and PyTorch."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / tokenizer_file))
+    passed = []
     for text in TEXTS:
-        ids = model.encode(text)[: capacity // 2]
-        if ids and max(ids) < model.manifest.vocab_size:
-            out.append(ids)
-    return out
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if ids and max(ids) < vocab and tokenizer.decode(ids, skip_special_tokens=False) == text:
+            passed.append(ids[: capacity // 2])
+    check = Check(TOKENIZER_CHECK, len(passed), len(TEXTS), len(passed) == len(TEXTS), True)
+    return check, passed
 
 
 def _cut(ids: list[int], n: int, rng: np.random.Generator, vocab: int) -> list[int]:

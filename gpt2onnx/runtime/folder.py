@@ -5,26 +5,44 @@ The runtime learns everything from here; nothing about a model is guessed later.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from gpt2onnx.contract import (
     ATTENTION_MASK,
+    FORMAT_VERSION,
     GRAPH_FILE,
     INPUT_IDS,
+    LAYOUT_FUSED,
     LAYOUT_STANDARD,
     LOGITS,
+    LOGITS_INDEX,
     MANIFEST_FILE,
     POSITION_IDS,
+    PROP_CONTEXT_LENGTH,
+    SEQLENS_K,
     TOKENIZER_FILE,
+    TOTAL_SEQUENCE_LENGTH,
     Manifest,
     cache_names,
+    graph_props,
+    read_small_json,
     sha256_file,
 )
 from gpt2onnx.errors import InvalidParameterError, ModelFolderError, ProviderUnavailableError
+from gpt2onnx.manifest_schema import (
+    MAX_CONTEXT,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    Schema,
+    parse_manifest,
+)
 from gpt2onnx.runtime.verified import VerifiedFiles, stamp
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -54,34 +72,17 @@ def open_manifest(folder: str | Path, verify: bool | str = True) -> Manifest:
         raise ModelFolderError(
             f"model folder {str(path)!r} does not exist or is not a folder. Export one with "
             "`python -m gpt2onnx.export SOURCE OUT_DIR` (or `make export`).")
-    if (path / MANIFEST_FILE).exists():
+    if (path / MANIFEST_FILE).exists() or (path / MANIFEST_FILE).is_symlink():
         manifest = Manifest.load(path)
+        where = path / MANIFEST_FILE
         for rel in (manifest.graph_file, manifest.tokenizer_file):
             if rel not in manifest.files:
-                raise ModelFolderError(f"{path / MANIFEST_FILE} lists no hash for {rel}; "
-                                       "re-export the folder.")
-        seen = VerifiedFiles() if verify is True else None
-        for rel, digest in manifest.files.items():
-            file = path / rel
-            if not file.is_file():
-                raise ModelFolderError(f"{file} is missing from the model folder; re-export "
-                                       "it or copy the whole folder again.")
-            if not verify or (seen is not None and seen.unchanged(file, digest)):
-                continue
-            try:
-                before = stamp(file)
-                actual = sha256_file(file)
-            except OSError as exc:
-                raise ModelFolderError(f"{file} could not be read ({exc}); check the folder's "
-                                       "permissions or copy it again.") from exc
-            if actual != digest:
-                raise ModelFolderError(
-                    f"{file} does not match the sha256 in manifest.json (corrupt or partial "
-                    "copy); copy the folder again or re-export it.")
-            if seen is not None:
-                seen.record(file, digest, before)
-        if seen is not None:
-            seen.save()
+                raise ModelFolderError(f"{where} lists no hash for {rel}; re-export the folder.")
+        # Every path is confined to the folder before any file is opened or hashed, so a
+        # manifest cannot make the runtime read (or reveal the existence of) other files.
+        files = {inside_folder(path, rel, where): digest
+                 for rel, digest in manifest.files.items()}
+        _check_hashes(files, verify)
         return manifest
     if (path / GRAPH_FILE).exists() and (path / "config.json").exists():
         return _manifest_from_optimum(path)
@@ -90,28 +91,99 @@ def open_manifest(folder: str | Path, verify: bool | str = True) -> Manifest:
         "(an optimum folder). Export one with `python -m gpt2onnx.export SOURCE OUT_DIR`.")
 
 
+def inside_folder(folder: Path, rel: str, where: Path | str) -> Path:
+    """``folder / rel`` if it resolves (symlinks followed) to a regular file inside
+    ``folder``, else ModelFolderError naming ``rel`` and the fix. Only stats, never opens."""
+    file = folder / rel
+    try:
+        real = file.resolve()
+        outside = not real.is_relative_to(folder.resolve())
+        regular = not outside and real.is_file()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ModelFolderError(f"{where}: {rel!r} cannot be resolved ({exc}); re-export the "
+                               "folder.") from exc
+    if outside:
+        raise ModelFolderError(
+            f"{where}: {rel!r} resolves to {real}, outside the model folder {folder} (a "
+            "symlink out of it); copy the real file into the folder or re-export it.")
+    if not regular:
+        raise ModelFolderError(f"{file} is missing from the model folder (or is not a "
+                               "regular file); re-export it or copy the whole folder again.")
+    return file
+
+
+def _check_hashes(files: dict[Path, str], verify: bool | str) -> None:
+    seen = VerifiedFiles() if verify is True else None
+    for file, digest in files.items():
+        if not verify or (seen is not None and seen.unchanged(file, digest)):
+            continue
+        try:
+            before = stamp(file)
+            actual = sha256_file(file)
+        except OSError as exc:
+            raise ModelFolderError(f"{file} could not be read ({exc}); check the folder's "
+                                   "permissions or copy it again.") from exc
+        if actual != digest:
+            raise ModelFolderError(
+                f"{file} does not match the sha256 in manifest.json (corrupt or partial "
+                "copy); copy the folder again or re-export it.")
+        if seen is not None:
+            seen.record(file, digest, before)
+    if seen is not None:
+        seen.save()
+
+
+def check_tokenizer_fits(tokenizer: Any, manifest: Manifest, path: Path) -> None:
+    """Refuse a tokenizer (a ``tokenizers.Tokenizer``) with ids the model has no logits
+    for: a mismatched tokenizer would otherwise fail later, prompt by prompt, with
+    out-of-vocabulary ids."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > manifest.vocab_size:
+        raise ModelFolderError(
+            f"{path} has {size} tokens, but the model's vocab_size is {manifest.vocab_size}: "
+            "it is another model's tokenizer. Re-export the folder with the checkpoint's own "
+            "tokenizer (`--tokenizer` naming the one it was trained with).")
+
+
+OPTIMUM_FIX = ("export the folder again with `optimum-cli export onnx --task "
+               "text-generation-with-past` or with `python -m gpt2onnx.export`")
+
+
 def _manifest_from_optimum(path: Path) -> Manifest:
     """An `optimum-cli export onnx --task text-generation-with-past` folder: same IO names,
-    standard layout; its config.json supplies the shapes."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-        n_layer, n_head, n_embd = config["n_layer"], config["n_head"], config["n_embd"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelFolderError(f"{path / 'config.json'} is not a GPT-2 config ({exc}).") from exc
+    standard layout; its config.json supplies the shapes, checked by the manifest's schema."""
+    where = path / "config.json"
+    config = read_small_json(where, path)
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{where} must hold a JSON object (a GPT-2 config), got "
+                               f"{type(config).__name__}; {OPTIMUM_FIX}.")
+    schema = Schema(config, str(where), OPTIMUM_FIX)
+    n_layer = schema.integer("n_layer", 1, MAX_LAYERS)
+    n_head = schema.integer("n_head", 1, MAX_HEADS)
+    n_embd = schema.integer("n_embd", n_head, MAX_HEADS * MAX_HEAD_DIM)
+    if n_embd % n_head:
+        raise schema.fail("n_embd", f"a multiple of n_head ({n_head})")
+    vocab = schema.integer("vocab_size", 2, MAX_VOCAB)
+    context = schema.integer("n_positions", 2, MAX_CONTEXT)
+    inside_folder(path, GRAPH_FILE, where)
     if not (path / TOKENIZER_FILE).exists():
         raise ModelFolderError(f"{path} has no {TOKENIZER_FILE}; the runtime needs it.")
-    names = [n for pair in cache_names(n_layer) for n in pair]
+    inside_folder(path, TOKENIZER_FILE, where)
     eos = config.get("eos_token_id")
-    return Manifest(
-        layout=LAYOUT_STANDARD, precision="fp32", provider="any", n_layer=n_layer,
-        n_head=n_head, head_dim=n_embd // n_head, n_embd=n_embd,
-        vocab_size=config["vocab_size"], context_length=config.get("n_positions", 1024),
+    names = [n for pair in cache_names(n_layer) for n in pair]
+    data = dict(
+        format_version=FORMAT_VERSION, layout=LAYOUT_STANDARD, precision="fp32",
+        provider="any", n_layer=n_layer, n_head=n_head, head_dim=n_embd // n_head,
+        n_embd=n_embd, vocab_size=vocab, context_length=context,
         bos_token_id=config.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        eos_token_id=eos[0] if isinstance(eos, list) and eos else eos,
         pad_token_id=config.get("pad_token_id"), cache_dtype="float32",
         inputs=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *names[0::2]],
         outputs=[LOGITS, *names[1::2]], source=f"optimum folder {path}",
     )
+    # The same schema as manifest.json: n_positions, the token ids and their ranges
+    # (an optimum folder has no hashes to check).
+    return parse_manifest(data, str(where), OPTIMUM_FIX, hashed=False)
 
 
 def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
@@ -156,7 +228,74 @@ def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ModelFolderError(f"onnxruntime cannot load {graph}: {exc}") from exc
     _check_io(graph, manifest, session)
+    _check_shapes(graph, manifest, session, probe=not cuda_graph)
     return session
+
+
+def _check_shapes(graph: Path, manifest: Manifest, session: ort.InferenceSession,
+                  probe: bool) -> None:
+    """Refuse a manifest whose sizes disagree with the graph: the shape facts the exporter
+    wrote into the graph's metadata (``contract.graph_props``), the logits' static vocab
+    dimension, and, for graphs without that metadata (older exports, optimum folders), a
+    one-token run at position context_length - 1, so that a context longer than the
+    position table is refused here rather than failing inside onnxruntime mid-generation.
+    """
+    stored = session.get_modelmeta().custom_metadata_map
+    for key, expected in graph_props(manifest).items():
+        if key in stored and stored[key] != expected:
+            raise ModelFolderError(
+                f"{graph} was exported with {key} = {stored[key]}, but manifest.json says "
+                f"{expected}; the manifest was edited or belongs to another export: "
+                "re-export the folder.")
+    logits = next(o for o in session.get_outputs() if o.name == LOGITS)
+    vocab = logits.shape[-1] if logits.shape else None
+    if isinstance(vocab, int) and vocab != manifest.vocab_size:
+        raise ModelFolderError(
+            f"{graph} returns logits over {vocab} tokens, but manifest.json says vocab_size "
+            f"{manifest.vocab_size}; re-export the folder.")
+    if probe and PROP_CONTEXT_LENGTH not in stored:
+        _probe_last_position(graph, manifest, session)
+
+
+def _probe_last_position(graph: Path, manifest: Manifest,
+                         session: ort.InferenceSession) -> None:
+    """Run one token at position context_length - 1 (an empty or one-token cache: cheap);
+    an onnxruntime error means the position table is shorter than the manifest claims."""
+    names = {i.name for i in session.get_inputs()}
+    if POSITION_IDS not in names:
+        return  # positions come from the mask inside the graph: probing would need a full cache
+    m = manifest
+    last = np.array([[m.context_length - 1]], np.int64)
+    token = np.zeros((1, 1), np.int64)
+    dtype = np.float16 if m.cache_dtype == "float16" else np.float32
+    if m.layout == LAYOUT_FUSED:
+        # The fused cache is one buffer per layer: a single empty slot of length 1.
+        feeds = {INPUT_IDS: token, POSITION_IDS: last, SEQLENS_K: np.zeros(1, np.int32),
+                 TOTAL_SEQUENCE_LENGTH: np.array(1, np.int32)}
+        if LOGITS_INDEX in names:
+            feeds[LOGITS_INDEX] = np.zeros((1, 1), np.int64)
+        past_len = 1
+    else:
+        feeds = {INPUT_IDS: token, ATTENTION_MASK: np.ones((1, 1), np.int64),
+                 POSITION_IDS: last}
+        past_len = 0
+    for past, _ in cache_names(m.n_layer):
+        feeds[past] = np.zeros((1, m.n_head, past_len, m.head_dim), dtype)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the expected failure is reported below, not logged
+    try:
+        session.run([LOGITS], feeds, quiet)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelFolderError(
+            f"{graph} cannot run position {m.context_length - 1}, but manifest.json says "
+            f"context_length {m.context_length} (its position table is shorter, or the "
+            f"graph does not match the manifest): {_first_line(exc)}. Re-export the folder."
+        ) from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 _MMAP_THRESHOLD = 1 << 20

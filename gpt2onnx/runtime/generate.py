@@ -9,18 +9,28 @@ import argparse
 import json
 import sys
 
-from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError
+from gpt2onnx.cli import Parser, int_in, run_main, utf8_text
+from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.runtime.drafting import NGRAM
 from gpt2onnx.runtime.folder import SPIN_RUN
 from gpt2onnx.runtime.model import Model, gen_result
-from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.runtime.params import (
+    MAX_DRAFT_TOKENS,
+    MAX_TEMPERATURE,
+    MAX_THREADS,
+    MAX_TOP_K,
+    REPETITION_PENALTY_RANGE,
+    GenerationParams,
+)
 
 
 def add_session_args(p: argparse.ArgumentParser) -> None:
     """--provider, --threads and --no-spin: how a CLI's Model builds its session (the
     generate and serve CLIs share them)."""
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
+                   help=f"onnxruntime intra-op threads, in [1, {MAX_THREADS}] (default: one "
+                        "per physical core)")
     p.add_argument("--no-spin", dest="spinning", action="store_false", default=None,
                    help="idle onnxruntime threads sleep instead of busy-waiting: faster on "
                         "a CPU shared with other busy processes (default: spin, unless "
@@ -28,17 +38,24 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.runtime.generate",
-                                description="Generate text from an exported model folder.")
+    # The sampling flags (and --num-draft-tokens) are checked by the API they feed
+    # (GenerationParams, Model.generator), so the CLI, the Python API and HTTP share one rule
+    # and one message; argparse only parses them as numbers.
+    p = Parser(prog="python -m gpt2onnx.runtime.generate",
+               description="Generate text from an exported model folder.")
     p.add_argument("model_dir")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, type=utf8_text)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help=f"0 = greedy (default), else in [1e-4, {MAX_TEMPERATURE:g}]")
+    p.add_argument("--top-k", type=int, default=0,
+                   help=f"in [0, {MAX_TOP_K}]; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="in (0, 1]; 1 = off")
     p.add_argument("--min-p", type=float, default=0.0,
                    help="keep tokens with p >= MIN_P x the top token's p (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="in [{:g}, {:g}]; 1 = off".format(*REPETITION_PENALTY_RANGE))
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="OpenAI's, over the generated tokens, in [-2, 2]")
     p.add_argument("--presence-penalty", type=float, default=0.0,
@@ -46,19 +63,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-tokens", type=int, default=0,
                    help="no EOS or stop string before this many new tokens")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], metavar="STR",
+    p.add_argument("--stop", action="append", default=[], metavar="STR", type=utf8_text,
                    help="stop string (repeatable)")
     p.add_argument("--truncate", action="store_true",
                    help="shorten the prompt / max-new-tokens to fit the context instead of "
                         "refusing")
     add_session_args(p)
-    p.add_argument("--speculative", default=None, metavar="ngram|draft:FOLDER",
+    p.add_argument("--speculative", default=None, metavar="ngram|draft:FOLDER", type=utf8_text,
                    help="speculative decoding: prompt lookup (ngram) or a draft model folder "
                         "with this model's tokenizer; greedy output is unchanged")
     p.add_argument("--draft", default=None, metavar="FOLDER",
                    help="the same as --speculative draft:FOLDER")
     p.add_argument("--num-draft-tokens", type=int, default=8,
-                   help="draft tokens checked per step at most, in [1, 16] (default 8)")
+                   help=f"draft tokens checked per step at most, in [1, {MAX_DRAFT_TOKENS}] "
+                        "(default 8)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -89,43 +107,56 @@ def speculative_spinning(spinning: bool | None, draft: object) -> bool | str | N
     return SPIN_RUN
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _json_for_stdout(obj: object) -> str:
+    """JSON as readable as stdout allows: with \\uXXXX escapes only where its encoding
+    cannot hold the text (the escaping run_main does for plain text is not valid JSON)."""
+    text = json.dumps(obj, ensure_ascii=False)
     try:
-        params = GenerationParams(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-            frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-            min_tokens=args.min_tokens,
-            seed=args.seed, stop=tuple(args.stop),
-            on_overflow="truncate" if args.truncate else "error")
-        draft = speculative_arg(args.speculative, args.draft)
-        model = Model(args.model_dir, provider=args.provider, threads=args.threads,
-                      spinning=speculative_spinning(args.spinning, draft))
-        gen = model.generator([args.prompt], params, draft=draft,
-                              num_draft_tokens=args.num_draft_tokens)
-        if args.stream and not args.json:
-            sys.stdout.write(args.prompt)
-        while not gen.is_done():
-            gen.generate_next_token()
-            if args.stream and not args.json:
-                sys.stdout.write(gen.stream_text(0))
-                sys.stdout.flush()
-        if args.stream and not args.json:
-            sys.stdout.write(gen.stream_text(0) + "\n")
-            return 0
-        result = gen_result(gen)
-    except Gpt2OnnxError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        text.encode(sys.stdout.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return json.dumps(obj)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+        min_tokens=args.min_tokens,
+        seed=args.seed, stop=tuple(args.stop),
+        on_overflow="truncate" if args.truncate else "error")
+    draft = speculative_arg(args.speculative, args.draft)
+    model = Model(args.model_dir, provider=args.provider, threads=args.threads,
+                  spinning=speculative_spinning(args.spinning, draft))
+    gen = model.generator([args.prompt], params, draft=draft,
+                          num_draft_tokens=args.num_draft_tokens)
+    streaming = args.stream and not args.json
+    if streaming:
+        sys.stdout.write(args.prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+        if streaming:
+            sys.stdout.write(gen.stream_text(0))
+            sys.stdout.flush()
+    if streaming:
+        sys.stdout.write(gen.stream_text(0) + "\n")
+        sys.stdout.flush()  # inside run_main, so a closed pipe is reported there
+        return 0
+    result = gen_result(gen)
     if args.json:
         out = result.to_dict()
         if gen.drafter is not None:
             out["speculation"] = gen.speculation.to_dict()
-        print(json.dumps(out, ensure_ascii=False))
+        print(_json_for_stdout(out), flush=True)
     else:
-        print(args.prompt + result.text)
+        print(args.prompt + result.text, flush=True)
     return 0
 
 

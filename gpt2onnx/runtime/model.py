@@ -15,9 +15,15 @@ from tokenizers import Tokenizer
 from gpt2onnx.contract import LAYOUT_FUSED, Manifest
 from gpt2onnx.errors import InvalidParameterError, ModelFolderError
 from gpt2onnx.runtime.cache import FusedCache, StandardCache
-from gpt2onnx.runtime.folder import make_session, open_manifest, session_device, spin_from_env
+from gpt2onnx.runtime.folder import (
+    check_tokenizer_fits,
+    make_session,
+    open_manifest,
+    session_device,
+    spin_from_env,
+)
 from gpt2onnx.runtime.generator import Generator
-from gpt2onnx.runtime.params import GenerationParams
+from gpt2onnx.runtime.params import GenerationParams, check_threads
 from gpt2onnx.runtime.prefix_cache import PrefixCache
 from gpt2onnx.runtime.scoring import ScoreResult, score_ids
 
@@ -69,6 +75,7 @@ class Model:
     def __init__(self, folder: str | Path, provider: str = "cpu", threads: int | None = None,
                  verify: bool | str = True, cuda_graph: bool = False,
                  spinning: bool | str | None = None, target_check: bool = True) -> None:
+        check_threads(threads)
         self.folder = Path(folder)
         self.provider = provider
         if cuda_graph and provider != "cuda":
@@ -82,6 +89,7 @@ class Model:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as exc:  # tokenizers raises plain Exception on bad JSON
             raise ModelFolderError(f"cannot read {tok_path}: {exc}. Re-export the folder.") from exc
+        check_tokenizer_fits(self.tokenizer, self.manifest, tok_path)
         self.spinning = spin_from_env() if spinning is None else spinning
         self._vocab_digest: str | None = None
         self.session: ort.InferenceSession = make_session(
@@ -153,7 +161,9 @@ class Model:
         return self._vocab_digest
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text`` (InvalidParameterError for anything but valid Unicode
+        text: every text entry point of the model comes through here)."""
+        return self.tokenizer.encode(check_text(text), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -163,7 +173,7 @@ class Model:
             if not prompt:
                 raise InvalidParameterError("prompt", "prompt is empty; give some text.")
             return self.encode(prompt)
-        if isinstance(prompt, (bytes, bytearray)) or not all(
+        if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise InvalidParameterError("prompt", "prompt must be a string or a list of "
                                         f"integer token ids, got {type(prompt).__name__}.")
@@ -238,6 +248,22 @@ class Model:
         rest = gen.stream_text(0)
         if rest:
             yield rest
+
+
+def check_text(text: object, param: str = "prompt") -> str:
+    """``text`` if it is a str the tokenizer can take; a lone surrogate (what Python makes
+    of bytes that are not UTF-8, e.g. in argv) is refused with its position."""
+    if not isinstance(text, str):
+        raise InvalidParameterError(param, f"{param} must be a string, got "
+                                    f"{type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameterError(
+            param, f"{param} holds {text[exc.start]!r} at character {exc.start}, a lone "
+            "surrogate that is not Unicode text (often bytes that were not UTF-8); pass "
+            "UTF-8 text.") from None
+    return text
 
 
 def _params(params: GenerationParams | None, kwargs: dict) -> GenerationParams:

@@ -15,6 +15,17 @@ OVERFLOW_MODES = ("error", "truncate")
 # temperature of 1e-4 gives 1e7, far from overflow, while 1e-36 gives inf (and inf - inf = nan
 # in the softmax). Anything that small is greedy in effect; temperature 0 says so exactly.
 MIN_TEMPERATURE = 1e-4
+# Above this every token is equally likely in effect (a real model's logits span tens, so
+# logits / 1e4 differ by < 0.01); the cap keeps the value far inside float32 (a 1e39 would
+# become inf there, and logits / inf = 0 or NaN).
+MAX_TEMPERATURE = 1e4
+# top_k is compared with the vocabulary as a numpy integer; int32's largest value is far above
+# any vocabulary and keeps a JSON 1e30 from overflowing that conversion.
+MAX_TOP_K = 2**31 - 1
+# onnxruntime intra-op threads. More threads than cores only adds contention, and onnxruntime
+# creates every one up front: 100000 hangs while memory grows. No machine it serves on has
+# more logical cores than this.
+MAX_THREADS = 512
 # CTRL's paper suggests ~1.2; outside [0.01, 100] a penalty only wipes the logits out.
 REPETITION_PENALTY_RANGE = (1e-2, 100.0)
 # OpenAI's documented range for frequency_penalty and presence_penalty.
@@ -28,10 +39,11 @@ class GenerationParams:
     Args:
         max_new_tokens: tokens to generate at most (>= 0; 0 only scores the prompt, with
             ``prompt_logprobs``).
-        temperature: 0 means greedy; otherwise >= 1e-4 (smaller values overflow float32),
-            sampling from softmax(logits / temperature).
-        top_k: keep the k most likely tokens before sampling (ties with the k-th are kept,
-            as transformers does); 0 disables.
+        temperature: 0 means greedy; otherwise in [1e-4, 1e4] (smaller values overflow
+            float32; larger ones are uniform in effect), sampling from
+            softmax(logits / temperature).
+        top_k: in [0, 2**31 - 1]; keep the k most likely tokens before sampling (ties with
+            the k-th are kept, as transformers does); 0 disables.
         top_p: nucleus sampling, keep the smallest set with probability >= top_p; 1 disables.
         min_p: in [0, 1]; after top-k/top-p, drop tokens whose probability is below
             min_p times the most likely token's (transformers' MinPLogitsWarper); 0 disables.
@@ -102,7 +114,17 @@ class GenerationParams:
                 "temperature", f"temperature must be 0 or >= {MIN_TEMPERATURE:g}, got "
                 f"{self.temperature!r} (logits / temperature would overflow float32); "
                 "use 0 for greedy.")
+        if self.temperature > MAX_TEMPERATURE:
+            raise InvalidParameterError(
+                "temperature", f"temperature must be <= {MAX_TEMPERATURE:g}, got "
+                f"{self.temperature!r} (beyond that every token is equally likely, and "
+                "float32 overflows near 3.4e38); use a value such as 0.7-1.5.")
         _int("top_k", self.top_k, 0, None, "use 0 to disable top-k")
+        if self.top_k > MAX_TOP_K:
+            raise InvalidParameterError(
+                "top_k", f"top_k must be <= {MAX_TOP_K} (2**31 - 1), got {self.top_k}; use 0 "
+                "to disable top-k (any top_k at or above the vocabulary size keeps every "
+                "token).")
         _num("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidParameterError(
@@ -168,3 +190,13 @@ def _int(name: str, value: object, low: int, high: int | None, fix: str) -> None
     if value < low or (high is not None and value > high):
         span = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise InvalidParameterError(name, f"{name} must be {span}, got {value}; {fix}.")
+
+
+def check_threads(threads: object) -> None:
+    """Refuse an onnxruntime thread count outside [1, MAX_THREADS] (None: onnxruntime's
+    default, one per physical core): the rule of the CLIs' --threads and of
+    ``Model(threads=)``."""
+    if threads is None:
+        return
+    _int("threads", threads, 1, MAX_THREADS,
+         "use about one thread per physical core, or leave it unset for onnxruntime's default")

@@ -14,20 +14,22 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError
+from gpt2onnx.cli import Parser, int_in, run_main
+from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.runtime.scoring import ScoreResult, score_ids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from gpt2onnx.runtime.generate import add_session_args
 
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.runtime.score",
-                                description="Perplexity and bits per byte of text files.")
+    p = Parser(prog="python -m gpt2onnx.runtime.score",
+               description="Perplexity and bits per byte of text files.")
     p.add_argument("model_dir")
     p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files ('-' = stdin)")
-    p.add_argument("--window", type=int, default=None,
+    # Upper bounds depend on the model's context: scoring.score_ids checks those.
+    p.add_argument("--window", type=int_in(2), default=None,
                    help="tokens per window (default: the model's context)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=int_in(1), default=None,
                    help="tokens between window starts (default: half the window)")
     add_session_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -63,26 +65,26 @@ def _bar(total: int, enabled: bool, name: str) -> tuple[Callable[[int], None] | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from gpt2onnx.runtime.model import Model
 
-    try:
-        texts = [(name, _read(name)) for name in args.files]
-        model = Model(args.model_dir, provider=args.provider, threads=args.threads,
-                      spinning=args.spinning)
-        rows = []
-        for name, text in texts:
-            ids = model.encode(text)
-            update, close = _bar(len(ids), args.progress and sys.stderr.isatty(), name)
-            try:
-                r = score_ids(model, ids, window=args.window, stride=args.stride,
-                              progress=update)
-            finally:
-                close()
-            rows.append(_summary(name, r, len(text.encode("utf-8"))))
-    except Gpt2OnnxError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    texts = [(name, _read(name)) for name in args.files]
+    model = Model(args.model_dir, provider=args.provider, threads=args.threads,
+                  spinning=args.spinning)
+    rows = []
+    for name, text in texts:
+        ids = model.encode(text)
+        update, close = _bar(len(ids), args.progress and sys.stderr.isatty(), name)
+        try:
+            r = score_ids(model, ids, window=args.window, stride=args.stride,
+                          progress=update)
+        finally:
+            close()
+        rows.append(_summary(name, r, len(text.encode("utf-8"))))
     nll = sum(r["nll"] for r in rows)
     scored = sum(r["tokens_scored"] for r in rows)
     n_bytes = sum(r["bytes"] for r in rows)
@@ -90,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                "perplexity": math.exp(nll / scored) if scored else float("nan"),
                "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan")}
     if args.json:
-        print(json.dumps({"files": rows, "overall": overall}))
+        print(json.dumps({"files": rows, "overall": overall}), flush=True)
         return 0
     print(f"{'file':<40} {'tokens':>8} {'perplexity':>12} {'bits/byte':>10}")
     for r in [*rows, {"file": "overall", **overall}] if len(rows) > 1 else rows:
         print(f"{r['file']:<40} {r['tokens_scored']:>8} {r['perplexity']:>12.4f} "
               f"{r['bits_per_byte']:>10.4f}")
+    sys.stdout.flush()  # inside run_main, so a closed pipe is reported there
     return 0
 
 

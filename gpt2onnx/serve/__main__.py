@@ -11,7 +11,8 @@ from pathlib import Path
 
 import uvicorn
 
-from gpt2onnx.errors import Gpt2OnnxError, InvalidParameterError
+from gpt2onnx.cli import Parser, run_main, utf8_text
+from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.runtime.folder import open_manifest
 from gpt2onnx.runtime.generate import add_session_args, speculative_spinning
 from gpt2onnx.runtime.model import Model
@@ -27,8 +28,10 @@ _FLUSH_S = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # Most ranges are checked by check_server_args and EngineConfig, as typed errors (one
+    # "error:" line and exit 2 from main, the same messages as the Python API).
     d = EngineConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m gpt2onnx.serve",
         description="Serve a model folder with an OpenAI-compatible API (/v1/completions).")
     p.add_argument("model_dir", type=Path)
@@ -61,9 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prefixes are matched in whole blocks of this many tokens")
     p.add_argument("--max-n", type=int, default=d.max_choices,
                    help="choices per prompt (OpenAI's n)")
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), type=utf8_text,
                    help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})")
-    p.add_argument("--served-model-name", default=None,
+    p.add_argument("--served-model-name", default=None, type=utf8_text,
                    help="the model id clients send (default: the folder's name)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -82,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allowed-origins", default=None, metavar="ORIGIN[,ORIGIN...]|*",
                    help="web origins (https://app.example) whose pages may call this server "
                         "(CORS); pages elsewhere are refused with 403")
-    p.add_argument("--speculative", default=None, metavar="ngram|draft:FOLDER",
+    p.add_argument("--speculative", default=None, metavar="ngram|draft:FOLDER", type=utf8_text,
                    help="speculative decoding: prompt lookup, or a draft model folder with "
                         "this model's tokenizer (a smaller GPT-2, or an int8/int4 export of "
                         "the same checkpoint); greedy output is unchanged")
@@ -91,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
                    help="speculate only while at most this many rows run (on the CPU each "
                         "speculating row verifies in a run of its own)")
-    p.add_argument("--chat-template", default=None, metavar="FILE|dialogpt",
+    p.add_argument("--chat-template", default=None, metavar="FILE|dialogpt", type=utf8_text,
                    help="/v1/chat/completions' jinja2 template (default: the folder's "
                         "tokenizer_config.json chat_template; 'dialogpt': turns joined by EOS)")
     p.add_argument("--on-overflow", default="error", choices=("error", "truncate"),
@@ -154,6 +157,10 @@ def allowed_hosts(args: argparse.Namespace) -> tuple[list[str], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     # The engine thread gets the GIL back after every model run (onnxruntime releases it);
     # the default 5 ms switch interval can make it wait that long behind the event loop,
@@ -161,27 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.001)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        check_server_args(args)
-        open_manifest(args.model_dir, verify=False)  # fail now, not after binding the port
-        config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                              max_queued_tokens=args.max_queued_tokens,
-                              request_timeout=args.timeout, max_choices=args.max_n,
-                              prefill_chunk=args.prefill_chunk,
-                              max_stall=args.max_stall,
-                              max_step_tokens=args.max_step_tokens,
-                              prefix_cache_mb=args.prefix_cache_mb,
-                              prefix_block_tokens=args.prefix_block_tokens,
-                              speculative=args.speculative,
-                              num_draft_tokens=args.num_draft_tokens,
-                              speculative_max_batch=args.speculative_max_batch)
-        if args.speculative and args.speculative.startswith("draft:"):
-            open_manifest(Path(args.speculative[len("draft:"):]), verify=False)
-        if args.chat_template and args.chat_template not in BUILT_IN:
-            check_template_file(args.chat_template)
-    except Gpt2OnnxError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    check_server_args(args)
+    open_manifest(args.model_dir, verify=False)  # fail now, not after binding the port
+    config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                          max_queued_tokens=args.max_queued_tokens,
+                          request_timeout=args.timeout, max_choices=args.max_n,
+                          prefill_chunk=args.prefill_chunk,
+                          max_stall=args.max_stall,
+                          max_step_tokens=args.max_step_tokens,
+                          prefix_cache_mb=args.prefix_cache_mb,
+                          prefix_block_tokens=args.prefix_block_tokens,
+                          speculative=args.speculative,
+                          num_draft_tokens=args.num_draft_tokens,
+                          speculative_max_batch=args.speculative_max_batch)
+    if args.speculative and args.speculative.startswith("draft:"):
+        open_manifest(Path(args.speculative[len("draft:"):]), verify=False)
+    if args.chat_template and args.chat_template not in BUILT_IN:
+        check_template_file(args.chat_template)
     spec = args.speculative
     spinning = speculative_spinning(
         args.spinning, spec[len("draft:"):] if spec and spec.startswith("draft:") else spec)
@@ -202,7 +205,14 @@ def main(argv: list[str] | None = None) -> int:
                             http=protocol, timeout_graceful_shutdown=_FLUSH_S,
                             server_header=False)
     server = Server(config, engine, args.shutdown_timeout)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Terminated too
+        # uvicorn re-raises the SIGINT/SIGTERM it handled once its graceful shutdown is
+        # done (so that the previous handler sees it): that shutdown was asked for, not
+        # an interrupted one.
+        if not server.should_exit:
+            raise
     if server.failed is not None:
         print(f"error: the model folder could not be loaded: {server.failed}", file=sys.stderr)
         return 1

@@ -91,11 +91,13 @@ def test_bad_options(options, param, match, tiny_checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_reports_errors_and_exits_nonzero(tmp_path):
+def test_cli_reports_errors_and_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gpt2onnx.export", str(tmp_path / "missing"),
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert "error: cannot load a config" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith("error: cannot load a config")
+    assert "Traceback" not in proc.stderr
 
 
 def test_cli_exports(tiny_checkpoint, tmp_path):

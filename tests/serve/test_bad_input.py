@@ -110,6 +110,21 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any] | None]] = [
     ("best_of above n", {"prompt": "Hi", "best_of": 2}, "best_of", None),
     ("unknown on_overflow", {"prompt": "Hi", "on_overflow": "wrap"}, "on_overflow",
      {"on_overflow": "wrap"}),
+    # Issue 16: values float32 (or int32) cannot hold are refused, with the API's message.
+    ("temperature below float32's useful range", {"prompt": "Hi", "temperature": 1e-39},
+     "temperature", {"temperature": 1e-39}),
+    ("temperature above its bound", {"prompt": "Hi", "temperature": 3e38}, "temperature",
+     {"temperature": 3e38}),
+    ("temperature beyond float32", {"prompt": "Hi", "temperature": 1e39}, "temperature",
+     {"temperature": 1e39}),
+    ("top_k above int32", {"prompt": "Hi", "top_k": 2**31}, "top_k", {"top_k": 2**31}),
+    ("top_k huge", {"prompt": "Hi", "top_k": 10**30}, "top_k", {"top_k": 10**30}),
+    ("repetition_penalty 1e-300", {"prompt": "Hi", "repetition_penalty": 1e-300},
+     "repetition_penalty", {"repetition_penalty": 1e-300}),
+    ("repetition_penalty 1e300", {"prompt": "Hi", "repetition_penalty": 1e300},
+     "repetition_penalty", {"repetition_penalty": 1e300}),
+    ("frequency_penalty 1e300", {"prompt": "Hi", "frequency_penalty": 1e300},
+     "frequency_penalty", {"frequency_penalty": 1e300}),
 ]
 
 
@@ -185,3 +200,22 @@ def test_format_1_folder_refuses_prompt_logprobs_with_a_400(tiny_checkpoint, tmp
             assert ok.status_code == 200  # plain generation still works
     finally:
         engine.stop(drain_timeout=0)
+
+
+@pytest.mark.parametrize("edge", [
+    {"temperature": 1e4, "top_k": 2**31 - 1},
+    {"temperature": 1e-4, "repetition_penalty": 100.0},
+    {"temperature": 1e-4, "repetition_penalty": 0.01, "frequency_penalty": -2.0},
+    {"temperature": 1e4, "presence_penalty": 2.0, "min_p": 1.0},
+], ids=["highest temperature and top_k", "lowest temperature, highest penalty",
+        "lowest temperature and penalties", "highest temperature, presence and min_p"])
+def test_accepted_extremes_answer_200_with_tokens_of_the_vocabulary(
+        client: TestClient, edge: dict[str, Any]) -> None:
+    """The bounds themselves are accepted and cannot overflow float32 into garbage ids."""
+    r = client.post("/v1/completions",
+                    json={"prompt": "Hello", "max_tokens": 4, "seed": 1, "logprobs": 0,
+                          "ignore_eos": True, **edge})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert len(choice["logprobs"]["tokens"]) == 4
+    assert all(lp is None or lp == lp for lp in choice["logprobs"]["token_logprobs"])  # no NaN

@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import Any
 
-from gpt2onnx.errors import Gpt2OnnxError
+from gpt2onnx.cli import Parser, run_main
 from gpt2onnx.serve import __main__ as single_machine
 from gpt2onnx.serve.ray.config import DEFAULT_MAX_QUEUED_REQUESTS, configs_from_args
 
@@ -28,7 +28,7 @@ RAY_OPTIONS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_reque
 def ray_parser() -> argparse.ArgumentParser:
     # No abbreviations: "--max-queue" (the engine's) must not be taken for a prefix of
     # "--max-queued-requests" (Serve's).
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m gpt2onnx.serve.ray", allow_abbrev=False,
         usage="%(prog)s MODEL_DIR [Ray options] [python -m gpt2onnx.serve options]",
         description="Serve a model folder as Ray Serve replicas behind the same "
@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     options, args = parse_args(argv)
     logging.basicConfig(level=options.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -90,12 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        replica, scaling = configs_from_args(args)
-        app = deployment.application(replica, scaling)
-    except Gpt2OnnxError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    replica, scaling = configs_from_args(args)  # a Gpt2OnnxError: run_main's one line
+    app = deployment.application(replica, scaling)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
