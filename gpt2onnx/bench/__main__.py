@@ -25,6 +25,8 @@ from gpt2onnx.bench.report import compute_targets, markdown
 from gpt2onnx.bench.variants import (
     ALL_VARIANTS,
     CUDA_VARIANTS,
+    GENAI_VENV,
+    KIND_GENAI,
     KIND_OPTIMUM,
     KIND_OURS,
     TORCH_KINDS,
@@ -109,11 +111,15 @@ def select_variants(args: argparse.Namespace, notes: list[str]) -> list[Variant]
         notes.append("CUDA variants not run: no CUDAExecutionProvider in this onnxruntime.")
     if args.variants:
         chosen = [v for v in (*ALL_VARIANTS, *CUDA_VARIANTS) if v.name in args.variants]
-    if args.smoke or args.skip_optimum:
-        chosen = [v for v in chosen if not v.needs_optimum_venv]
-    elif any(v.needs_optimum_venv for v in chosen) and prepare.optimum_python() is None:
-        notes.append("optimum not run: .venv-optimum is missing (`make bench-setup`).")
-        chosen = [v for v in chosen if not v.needs_optimum_venv]
+    if args.smoke:
+        chosen = [v for v in chosen if v.venv is None]
+    if args.skip_optimum:
+        chosen = [v for v in chosen if v.kind != KIND_OPTIMUM]
+    for venv in sorted({v.venv for v in chosen if v.venv}):
+        if prepare.peer_python(venv) is None:
+            names = ", ".join(v.name for v in chosen if v.venv == venv)
+            notes.append(f"{names} not run: {venv} is missing (`make bench-setup`).")
+            chosen = [v for v in chosen if v.venv != venv]
     return chosen
 
 
@@ -133,6 +139,12 @@ def build_targets(chosen: list[Variant], ckpt: Path, cache: Path, clock: Clock
             assert python is not None
             clock.log("optimum export")
             folder = prepare.optimum_export(cache, ckpt, python)
+            targets.append(ms.Target(v, str(python), str(folder)))
+        elif v.kind == KIND_GENAI:
+            python = prepare.peer_python(GENAI_VENV)
+            assert python is not None
+            clock.log("onnxruntime-genai: our standard fp32 folder")
+            folder = prepare.genai_folder(cache, ckpt)
             targets.append(ms.Target(v, str(python), str(folder)))
     return targets
 

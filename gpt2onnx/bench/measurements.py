@@ -27,7 +27,7 @@ from gpt2onnx.bench.variants import KIND_TORCH_UNCACHED, Variant
 Log = Callable[[str], None]
 
 
-def _env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
     # The optimum venv does not have gpt2onnx installed: it imports the worker from here.
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep + path if path else ''}",
@@ -57,7 +57,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [target.python, "-m", "gpt2onnx.bench.worker", target.spec()],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-            env=_env(), cwd=REPO)
+            env=worker_env(), cwd=REPO)
         hello = self._read()
         self.load_s: float = hello["load_s"]
         self.info: dict[str, Any] = hello["info"]
@@ -216,7 +216,7 @@ def cold_start(target: Target, prompt: list[int], new_tokens: int, log_dir: Path
         proc = subprocess.run(
             [target.python, "-m", "gpt2onnx.bench.worker", target.spec(), "--cold", repr(t0),
              json.dumps(prompt), str(new_tokens)],
-            stdout=subprocess.PIPE, stderr=err, text=True, env=_env(), cwd=REPO, check=False)
+            stdout=subprocess.PIPE, stderr=err, text=True, env=worker_env(), cwd=REPO, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"cold start of {target.variant.name} failed; see {err.name}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -79,8 +79,26 @@ def our_export(cache: Path, ckpt: Path, layout: str, precision: str,
 
 def optimum_python() -> Path | None:
     """The optimum venv's interpreter (``make bench-setup`` builds it), if present."""
-    python = OPTIMUM_VENV / "bin" / "python"
+    return peer_python(OPTIMUM_VENV.name)
+
+
+def peer_python(venv: str) -> Path | None:
+    """A peer venv's interpreter (``make bench-setup`` builds them), if present."""
+    python = REPO / venv / "bin" / "python"
     return python if python.exists() else None
+
+
+def genai_folder(cache: Path, ckpt: Path) -> Path:
+    """Our standard fp32 folder, with the genai_config.json onnxruntime-genai reads (a
+    cached export older than that file is exported again)."""
+    from gpt2onnx.export.genai_config import GENAI_CONFIG_FILE
+
+    folder = our_export(cache, ckpt, "standard", "fp32")
+    if not (folder / GENAI_CONFIG_FILE).exists():
+        from gpt2onnx.export.api import ExportOptions, export_model
+
+        export_model(ckpt, folder, ExportOptions(layout="standard", validate=False))
+    return folder
 
 
 def optimum_export(cache: Path, ckpt: Path, python: Path) -> Path:

@@ -19,7 +19,11 @@ KIND_TORCH_UNCACHED = "torch-uncached"
 KIND_TORCH_CACHED = "torch-cached"
 KIND_HF_GENERATE = "hf-generate"
 KIND_OPTIMUM = "optimum"
+KIND_GENAI = "genai"
 KIND_OURS = "ours"
+# Peers that run in their own venvs (``make bench-setup`` builds them), by folder name.
+OPTIMUM_VENV = ".venv-optimum"
+GENAI_VENV = ".venv-genai"
 TORCH_KINDS = (KIND_TORCH_UNCACHED, KIND_TORCH_CACHED, KIND_HF_GENERATE)
 
 
@@ -33,7 +37,7 @@ class Variant:
     layout: str | None = None
     precision: str = "fp32"
     provider: str = "cpu"
-    needs_optimum_venv: bool = False
+    venv: str | None = None  # a peer's own venv (repo-relative); None: this interpreter
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,7 +55,11 @@ ALL_VARIANTS: tuple[Variant, ...] = (
     Variant("torch-cached", KIND_TORCH_CACHED, "PyTorch, past_key_values loop"),
     Variant("hf-generate", KIND_HF_GENERATE, "transformers generate"),
     Variant("optimum", KIND_OPTIMUM, "optimum ORTModelForCausalLM.generate",
-            needs_optimum_venv=True),
+            venv=OPTIMUM_VENV),
+    # onnxruntime-genai's own loop on our standard fp32 folder (its genai_config.json):
+    # the same graph as ours-standard-fp32, so the difference is the two runtimes.
+    Variant("genai", KIND_GENAI, "onnxruntime-genai on our standard fp32 folder",
+            layout="standard", venv=GENAI_VENV),
     _ours("standard", "fp32"),
     _ours("fused", "fp32"),
     _ours("fused", "int8"),
@@ -284,6 +292,48 @@ class GenerateEngine(Engine):
         return info
 
 
+class GenaiEngine(Engine):
+    """onnxruntime-genai's Generator (append_tokens, then generate_next_token per token),
+    greedy, on a standard-layout folder. Runs in its venv: numpy and onnxruntime_genai."""
+
+    def __init__(self, folder: str) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(folder)
+
+    def decode(self, prompt: list[int], new_tokens: int, batch: int) -> DecodeRun:
+        import numpy as np
+
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt) + new_tokens, min_length=0,
+                                  do_sample=False, batch_size=batch)
+        gen = og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.array([prompt] * batch, dtype=np.int32))  # runs the prompt
+        gen.generate_next_token()  # picks the first token from the prompt's logits
+        prefill = (time.perf_counter() - t0) * 1e3
+        tokens, steps = [int(gen.get_next_tokens()[0])], []
+        # Every step to max_length (a random-weight model may emit EOS; genai would stop).
+        while len(tokens) < new_tokens and not gen.is_done():
+            t0 = time.perf_counter()
+            gen.generate_next_token()
+            steps.append((time.perf_counter() - t0) * 1e3)
+            tokens.append(int(gen.get_next_tokens()[0]))
+        return DecodeRun(prefill, steps, tokens)
+
+    def position_ms(self, prompt: list[int], positions: list[int], window: int
+                    ) -> dict[int, float]:
+        return self._position_ms_from_prefill(prompt, positions, window)
+
+    def info(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {"threads": None, "onnxruntime_genai": version("onnxruntime-genai"),
+                "onnxruntime": version("onnxruntime")}
+
+
 def make_engine(spec: dict[str, Any]) -> Engine:
     """Build the engine a worker's spec names (kind + the folder it loads)."""
     kind, folder = spec["kind"], spec["folder"]
@@ -293,4 +343,6 @@ def make_engine(spec: dict[str, Any]) -> Engine:
         return TorchLoopEngine(folder, cached=kind == KIND_TORCH_CACHED)
     if kind in (KIND_HF_GENERATE, KIND_OPTIMUM):
         return GenerateEngine(folder, optimum=kind == KIND_OPTIMUM)
+    if kind == KIND_GENAI:
+        return GenaiEngine(folder)
     raise ValueError(f"unknown variant kind {kind!r}")
