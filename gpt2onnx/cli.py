@@ -109,6 +109,7 @@ def run_main(body: Callable[[], int]) -> int:
             with contextlib.suppress(ValueError, OSError):  # a closed stream: leave it
                 reconfigure(errors="backslashreplace")
     previous = _install_sigterm()
+    _arm_sigint()
     try:
         return body()
     except Terminated:
@@ -154,6 +155,16 @@ def _install_sigterm() -> object:
         return signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread (a CLI body run from a test thread)
         return _NOT_INSTALLED
+
+
+def _arm_sigint() -> None:
+    """Re-install Python's Ctrl-C handler where it is the default one: a native library
+    can replace the C-level handler under Python's record of it, after which SIGINT was
+    seen to be caught but never raised (a reviewer's runs of the score and export CLIs).
+    An ignored SIGINT (nohup, a background job) stays ignored."""
+    with contextlib.suppress(ValueError, TypeError):  # not the main thread
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _restore_sigterm(previous: object) -> None:

@@ -39,8 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def quiet_transformers() -> None:
+    """One line per error on a terminal: transformers' load report tables, config
+    warnings and progress bars would bury it (the exporter raises what matters)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    quiet_transformers()
     opts = ExportOptions(layout=args.layout, precision=args.precision, provider=args.provider,
                          max_length=args.max_length, validate=not args.no_validate,
                          tokenizer=args.tokenizer)

@@ -215,6 +215,7 @@ def load_model(source: str | Path) -> tuple[Any, ModelSpec]:
     from transformers import AutoConfig, GPT2LMHeadModel
 
     src = str(source)
+    check_local_source(src, "SOURCE", "the checkpoint folder (the one holding config.json)")
     try:
         config = AutoConfig.from_pretrained(src)
     # transformers raises OSError, ValueError, KeyError or huggingface_hub's strict
@@ -228,8 +229,11 @@ def load_model(source: str | Path) -> tuple[Any, ModelSpec]:
     # eager attention: the reference whose math the graphs reproduce operation by operation.
     config._attn_implementation = "eager"
     try:
+        # ignore_mismatched_sizes: report every tensor whose shape differs from config.json
+        # in loading_info (refused below, with the shapes) instead of a vague exception.
         model, info = GPT2LMHeadModel.from_pretrained(src, config=config,
-                                                      output_loading_info=True)
+                                                      output_loading_info=True,
+                                                      ignore_mismatched_sizes=True)
     # A truncated or garbage weights file surfaces as SafetensorError, UnpicklingError,
     # RuntimeError (shapes that do not match the config) and more: all are the file's fault.
     except Exception as exc:
@@ -242,9 +246,28 @@ def load_model(source: str | Path) -> tuple[Any, ModelSpec]:
     return model, spec
 
 
+# Hub ids are "name" or "org/name"; anything spelled like a path is a local path, which
+# must exist (not 30 s of hub retries for a typo).
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def check_local_source(src: str, flag: str, want: str) -> None:
+    """Refuse at once a ``src`` that is a file, or spelled as a path that does not exist."""
+    path = Path(src).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelFolderError(f"{flag} {src!r} is a file; pass {want}.")
+    if not path.exists() and (src in (".", "..") or src.startswith(_PATH_PREFIXES)):
+        raise ModelFolderError(f"{flag} {src!r} does not exist; pass {want}, or a Hugging "
+                               "Face hub id such as 'gpt2'.")
+
+
 def _one_line(exc: BaseException, limit: int = 400) -> str:
     """transformers' messages span lines (a report table, a field's validation error)."""
     text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    if "weights_only" in text:
+        # torch's advice (load with weights_only=False) would run the file's code: a file
+        # that the safe unpickler refuses is simply not a checkpoint we read.
+        return "not a readable PyTorch checkpoint (torch.load with weights_only=True refused it)"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -252,7 +275,19 @@ def _check_loading_info(src: str, info: dict[str, Any]) -> None:
     """transformers fills weights the file lacks (or whose shape differs) with random
     values and only warns: an export of that would be silently wrong."""
     missing = sorted(info.get("missing_keys") or [])
-    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
+    mismatched = sorted(_mismatch(k) for k in info.get("mismatched_keys") or [])
+    # Tensors the file has and config.json does not ask for (more layers than n_layer):
+    # dropped silently, the export would be another model. Old checkpoints' attention
+    # buffers (attn.bias, attn.masked_bias: constants transformers rebuilds) are harmless.
+    unexpected = sorted(k for k in info.get("unexpected_keys") or []
+                        if not k.endswith((".attn.bias", ".attn.masked_bias")))
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (
+            f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
+        raise ModelFolderError(
+            f"the weights in {src!r} hold {len(unexpected)} tensor(s) config.json has no place "
+            f"for ({shown}); the weights file does not match config.json. Fix n_layer in "
+            "config.json (or re-save the checkpoint).")
     if missing or mismatched:
         what = missing or mismatched
         shown = ", ".join(what[:3]) + (f" and {len(what) - 3} more" if len(what) > 3 else "")
@@ -261,3 +296,11 @@ def _check_loading_info(src: str, info: dict[str, Any]) -> None:
             f"the weights in {src!r} {problem} {len(what)} tensor(s) config.json asks for "
             f"({shown}); the weights file does not match config.json. Fix n_layer/n_embd/"
             "vocab_size in config.json or re-save the checkpoint.")
+
+
+def _mismatch(entry: Any) -> str:
+    """``name (file shape vs config shape)`` for transformers' (name, file, model) triple."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        name, got, want = entry
+        return f"{name} {tuple(got)} in the file, {tuple(want)} from config.json"
+    return str(entry)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2onnx.errors import ModelFolderError
-from gpt2onnx.export.checkpoint import ModelSpec
+from gpt2onnx.export.checkpoint import ModelSpec, check_local_source
 
 # Any one of these makes a folder a tokenizer source transformers can load.
 TOKENIZER_SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -34,6 +34,8 @@ def load_tokenizer(source: str, spec: ModelSpec, explicit: bool) -> Any:
     from transformers import AutoTokenizer
 
     where = f"--tokenizer {source!r}" if explicit else f"SOURCE {source!r}"
+    check_local_source(source, "--tokenizer" if explicit else "SOURCE",
+                       "a folder with tokenizer files (tokenizer.json)")
     folder = Path(source)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_SOURCE_FILES):
         raise ModelFolderError(

@@ -143,6 +143,13 @@ def check_tokenizer_fits(tokenizer: Any, manifest: Manifest, path: Path) -> None
             f"{path} has {size} tokens, but the model's vocab_size is {manifest.vocab_size}: "
             "it is another model's tokenizer. Re-export the folder with the checkpoint's own "
             "tokenizer (`--tokenizer` naming the one it was trained with).")
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token = getattr(manifest, field)
+        if token is not None and tokenizer.id_to_token(token) is None:
+            raise ModelFolderError(
+                f"{path} has no token for the manifest's {field} {token} (its ids stop at "
+                f"{size - 1}): it is another model's tokenizer. Re-export the folder with the "
+                "checkpoint's own tokenizer (`--tokenizer` naming the one it was trained with).")
 
 
 OPTIMUM_FIX = ("export the folder again with `optimum-cli export onnx --task "

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from gpt2onnx.cli import Parser, int_in, run_main, utf8_text
-from gpt2onnx.errors import InvalidParameterError
+from gpt2onnx.errors import InvalidParameterError, PromptTooLongError
 from gpt2onnx.runtime.drafting import NGRAM
 from gpt2onnx.runtime.folder import SPIN_RUN
 from gpt2onnx.runtime.model import Model, gen_result
@@ -19,6 +21,8 @@ from gpt2onnx.runtime.params import (
     MAX_TEMPERATURE,
     MAX_THREADS,
     MAX_TOP_K,
+    MIN_TEMPERATURE,
+    PENALTY_RANGE,
     REPETITION_PENALTY_RANGE,
     GenerationParams,
 )
@@ -37,32 +41,53 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
                         "GPT2ONNX_SPIN=0)")
 
 
+def parsed_as(kind: type, expected: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that only parses ``kind`` (int or float): text that is not one
+    is refused naming what the flag takes (``expected``); the range itself is the API's
+    to check, with its message."""
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+
+    parse.__name__ = expected
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The sampling flags (and --num-draft-tokens) are checked by the API they feed
     # (GenerationParams, Model.generator), so the CLI, the Python API and HTTP share one rule
-    # and one message; argparse only parses them as numbers.
+    # and one message; argparse only parses them as numbers (text that is not a number is
+    # refused there, naming the range).
+    rep_lo, rep_hi = REPETITION_PENALTY_RANGE
+    pen_lo, pen_hi = PENALTY_RANGE
     p = Parser(prog="python -m gpt2onnx.runtime.generate",
                description="Generate text from an exported model folder.")
     p.add_argument("model_dir")
     p.add_argument("--prompt", required=True, type=utf8_text)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--max-new-tokens", type=parsed_as(int, "an integer >= 0"), default=32)
+    temperature = f"a number: 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+    p.add_argument("--temperature", type=parsed_as(float, temperature), default=0.0,
                    help=f"0 = greedy (default), else in [1e-4, {MAX_TEMPERATURE:g}]")
-    p.add_argument("--top-k", type=int, default=0,
-                   help=f"in [0, {MAX_TOP_K}]; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0,
+    p.add_argument("--top-k", type=parsed_as(int, f"an integer in [0, {MAX_TOP_K}] (0 = off)"),
+                   default=0, help=f"in [0, {MAX_TOP_K}]; 0 = off")
+    p.add_argument("--top-p", type=parsed_as(float, "a number in (0, 1] (1 = off)"), default=1.0,
                    help="in (0, 1]; 1 = off")
-    p.add_argument("--min-p", type=float, default=0.0,
+    p.add_argument("--min-p", type=parsed_as(float, "a number in [0, 1] (0 = off)"), default=0.0,
                    help="keep tokens with p >= MIN_P x the top token's p (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="in [{:g}, {:g}]; 1 = off".format(*REPETITION_PENALTY_RANGE))
-    p.add_argument("--frequency-penalty", type=float, default=0.0,
+    p.add_argument("--repetition-penalty",
+                   type=parsed_as(float, f"a number in [{rep_lo:g}, {rep_hi:g}] (1 = off)"),
+                   default=1.0, help=f"in [{rep_lo:g}, {rep_hi:g}]; 1 = off")
+    penalty = parsed_as(float, f"a number in [{pen_lo:g}, {pen_hi:g}] (0 = off)")
+    p.add_argument("--frequency-penalty", type=penalty, default=0.0,
                    help="OpenAI's, over the generated tokens, in [-2, 2]")
-    p.add_argument("--presence-penalty", type=float, default=0.0,
+    p.add_argument("--presence-penalty", type=penalty, default=0.0,
                    help="OpenAI's, over the generated tokens, in [-2, 2]")
-    p.add_argument("--min-tokens", type=int, default=0,
-                   help="no EOS or stop string before this many new tokens")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--min-tokens", type=parsed_as(int, "an integer in [0, --max-new-tokens]"),
+                   default=0, help="no EOS or stop string before this many new tokens")
+    p.add_argument("--seed", type=parsed_as(int, "an integer >= 0"), default=None)
     p.add_argument("--stop", action="append", default=[], metavar="STR", type=utf8_text,
                    help="stop string (repeatable)")
     p.add_argument("--truncate", action="store_true",
@@ -74,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with this model's tokenizer; greedy output is unchanged")
     p.add_argument("--draft", default=None, metavar="FOLDER",
                    help="the same as --speculative draft:FOLDER")
-    p.add_argument("--num-draft-tokens", type=int, default=8,
+    p.add_argument("--num-draft-tokens",
+                   type=parsed_as(int, f"an integer in [1, {MAX_DRAFT_TOKENS}]"), default=8,
                    help=f"draft tokens checked per step at most, in [1, {MAX_DRAFT_TOKENS}] "
                         "(default 8)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -135,8 +161,13 @@ def _main(argv: list[str] | None) -> int:
     draft = speculative_arg(args.speculative, args.draft)
     model = Model(args.model_dir, provider=args.provider, threads=args.threads,
                   spinning=speculative_spinning(args.spinning, draft))
-    gen = model.generator([args.prompt], params, draft=draft,
-                          num_draft_tokens=args.num_draft_tokens)
+    try:
+        gen = model.generator([args.prompt], params, draft=draft,
+                              num_draft_tokens=args.num_draft_tokens)
+    except PromptTooLongError as exc:
+        # The API's fix names its argument (on_overflow='truncate'); this CLI's is a flag.
+        raise PromptTooLongError(exc.param, str(exc).replace(
+            "on_overflow='truncate'", "--truncate")) from None
     streaming = args.stream and not args.json
     if streaming:
         sys.stdout.write(args.prompt)

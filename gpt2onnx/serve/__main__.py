@@ -6,16 +6,22 @@ import argparse
 import logging
 import math
 import os
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from gpt2onnx.cli import Parser, run_main, utf8_text
+from gpt2onnx.contract import LAYOUT_FUSED, Manifest
 from gpt2onnx.errors import InvalidParameterError
+from gpt2onnx.kvmem import human, kv_cache_bytes
 from gpt2onnx.runtime.folder import open_manifest
-from gpt2onnx.runtime.generate import add_session_args, speculative_spinning
+from gpt2onnx.runtime.generate import add_session_args, parsed_as, speculative_spinning
 from gpt2onnx.runtime.model import Model
+from gpt2onnx.runtime.params import MAX_DRAFT_TOKENS
 from gpt2onnx.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, create_app
 from gpt2onnx.serve.chat import BUILT_IN, check_template_file
 from gpt2onnx.serve.engine import Engine, EngineConfig
@@ -25,6 +31,42 @@ from gpt2onnx.serve.server import Server, fit_connection_limit, guarded_protocol
 API_KEY_ENV = "GPT2ONNX_API_KEY"
 # Seconds uvicorn waits, once the engine has drained, for the last answers to be written.
 _FLUSH_S = 5.0
+
+# The numeric flags' ranges: (flag's dest, low, high). check_server_args refuses a value
+# above the range; below it, the engine's own check (EngineConfig) answers, or
+# check_server_args for the HTTP side's flags. Text that is no number is refused by argparse,
+# naming the range.
+MAX_BATCH_SIZE = 1024  # cache slots; each holds a whole context (kvmem: 75 MB for gpt2 fp32)
+MAX_SECONDS = 86_400.0  # a day: any timeout longer than that is a mistake
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "port": (0, 65535),
+    "max_batch_size": (1, MAX_BATCH_SIZE),
+    "max_queue": (0, 1 << 20),
+    "max_queued_tokens": (1, 1 << 30),
+    "prefill_chunk": (1, 1 << 20),
+    "max_step_tokens": (1, 1 << 20),
+    "prefix_cache_mb": (0, 1 << 20),  # 1 TiB of host memory
+    "prefix_block_tokens": (1, 1 << 16),
+    "max_n": (1, 128),  # OpenAI's own limit on n
+    "max_body_bytes": (1, 1 << 30),
+    "max_connections": (1, 1 << 20),
+    "num_draft_tokens": (1, MAX_DRAFT_TOKENS),
+    "speculative_max_batch": (0, MAX_BATCH_SIZE),
+}
+SECONDS_FLAGS = ("timeout", "shutdown_timeout", "header_timeout", "body_timeout")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _int_flag(dest: str) -> Callable[[str], Any]:
+    low, high = INT_RANGES[dest]
+    return parsed_as(int, f"an integer in [{low}, {high}]")
+
+
+_SECONDS = parsed_as(float, f"a number of seconds in (0, {MAX_SECONDS:g}]")
+_SECONDS_OR_0 = parsed_as(float, f"a number of seconds in [0, {MAX_SECONDS:g}]")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,46 +79,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("model_dir", type=Path)
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_int_flag("port"), default=8000)
     add_session_args(p)
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+    p.add_argument("--max-batch-size", type=_int_flag("max_batch_size"), default=d.max_batch_size,
                    help="cache slots: rows decoded together")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
+    p.add_argument("--max-queue", type=_int_flag("max_queue"), default=d.max_queue,
                    help="rows (prompts x n) that may wait while every slot is busy; more get "
                         "429 (a request may have up to max-queue + max-batch-size rows)")
-    p.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+    p.add_argument("--max-queued-tokens", type=_int_flag("max_queued_tokens"),
+                   default=d.max_queued_tokens,
                    help="prompt tokens that may wait; more get 429")
-    p.add_argument("--timeout", type=float, default=d.request_timeout,
+    p.add_argument("--timeout", type=_SECONDS, default=d.request_timeout,
                    help="seconds a request may take, queueing included (504 after)")
-    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+    p.add_argument("--prefill-chunk", type=_int_flag("prefill_chunk"), default=d.prefill_chunk,
                    help="prompt tokens run per step while rows decode (chunked prefill): "
                         "a running stream waits at most this much prefill between tokens")
-    p.add_argument("--max-stall", type=float, default=d.max_stall,
+    p.add_argument("--max-stall", type=parsed_as(float, "a ratio above 1"), default=d.max_stall,
                    help="a step with prompt chunks takes at most this many plain decode steps "
                         "(measured; the chunk shrinks below --prefill-chunk to keep it): "
                         "smoother streams, slower prefill; default off (always "
                         "--prefill-chunk)")
-    p.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens,
+    p.add_argument("--max-step-tokens", type=_int_flag("max_step_tokens"),
+                   default=d.max_step_tokens,
                    help="prompt tokens run per step while no row decodes")
-    p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
+    p.add_argument("--prefix-cache-mb", type=_int_flag("prefix_cache_mb"),
+                   default=d.prefix_cache_mb,
                    help="host memory for reusable prompt blocks (prefix caching; 0 = off)")
-    p.add_argument("--prefix-block-tokens", type=int, default=d.prefix_block_tokens,
+    p.add_argument("--prefix-block-tokens", type=_int_flag("prefix_block_tokens"),
+                   default=d.prefix_block_tokens,
                    help="prefixes are matched in whole blocks of this many tokens")
-    p.add_argument("--max-n", type=int, default=d.max_choices,
+    p.add_argument("--max-n", type=_int_flag("max_n"), default=d.max_choices,
                    help="choices per prompt (OpenAI's n)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), type=utf8_text,
                    help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})")
     p.add_argument("--served-model-name", default=None, type=utf8_text,
                    help="the model id clients send (default: the folder's name)")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+    p.add_argument("--max-body-bytes", type=_int_flag("max_body_bytes"),
+                   default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--shutdown-timeout", type=_SECONDS_OR_0, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM; the rest are "
                         "answered with 503")
-    p.add_argument("--header-timeout", type=float, default=10.0,
+    p.add_argument("--header-timeout", type=_SECONDS, default=10.0,
                    help="seconds a client has to send a request's headers")
-    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+    p.add_argument("--body-timeout", type=_SECONDS, default=DEFAULT_BODY_TIMEOUT,
                    help="seconds a client has to send a request's body")
-    p.add_argument("--max-connections", type=int, default=512,
+    p.add_argument("--max-connections", type=_int_flag("max_connections"), default=512,
                    help="open connections; more are answered 503 and closed")
     p.add_argument("--allowed-hosts", default=None, metavar="NAME[,NAME...]|*",
                    help="Host header names accepted besides the bound address and loopback "
@@ -89,9 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="speculative decoding: prompt lookup, or a draft model folder with "
                         "this model's tokenizer (a smaller GPT-2, or an int8/int4 export of "
                         "the same checkpoint); greedy output is unchanged")
-    p.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens,
+    p.add_argument("--num-draft-tokens", type=_int_flag("num_draft_tokens"),
+                   default=d.num_draft_tokens,
                    help="draft tokens checked per row and step at most (adapts downwards)")
-    p.add_argument("--speculative-max-batch", type=int, default=d.speculative_max_batch,
+    p.add_argument("--speculative-max-batch", type=_int_flag("speculative_max_batch"),
+                   default=d.speculative_max_batch,
                    help="speculate only while at most this many rows run (on the CPU each "
                         "speculating row verifies in a run of its own)")
     p.add_argument("--chat-template", default=None, metavar="FILE|dialogpt", type=utf8_text,
@@ -107,7 +156,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_server_args(args: argparse.Namespace) -> None:
-    """The HTTP side's settings, before anything starts (the engine checks its own)."""
+    """The HTTP side's settings, before anything starts (the engine checks its own, but
+    their upper bounds are checked here)."""
+    for dest, (_, high) in INT_RANGES.items():
+        value = getattr(args, dest)
+        if value > high:
+            low = INT_RANGES[dest][0]
+            raise InvalidParameterError(dest, f"{_flag(dest)} must be in [{low}, {high}], got "
+                                        f"{value}; pass a smaller value.")
+    for dest in SECONDS_FLAGS:
+        if (getattr(args, dest) or 0) > MAX_SECONDS:
+            raise InvalidParameterError(dest, f"{_flag(dest)} must be at most {MAX_SECONDS:g} "
+                                        f"seconds (a day), got {getattr(args, dest)}; pass a "
+                                        "smaller number of seconds.")
     if not 0 <= args.port <= 65535:
         raise InvalidParameterError("port", f"--port must be in [0, 65535], got {args.port}.")
     if args.max_body_bytes < 1:
@@ -146,6 +207,77 @@ def check_server_args(args: argparse.Namespace) -> None:
             f"{API_KEY_ENV} to serve without a key.")
 
 
+_CACHE_DTYPE_BYTES = {"float32": 4, "float16": 2}
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_cache_fits(manifest: Manifest, max_batch_size: int, provider: str) -> None:
+    """Refuse a --max-batch-size whose KV cache (max_batch_size slots, each a whole context:
+    ``gpt2onnx.kvmem``) cannot fit in this machine's memory, before the engine allocates it
+    (which would fail with a MemoryError after the server said it was running). On CUDA the
+    cache lives in the GPU's memory, which this does not know: onnxruntime reports that."""
+    memory = physical_memory()
+    if provider != "cpu" or not memory:
+        return
+    m = manifest
+    seq = m.max_length if m.layout == LAYOUT_FUSED and m.max_length else m.context_length
+    per_row = kv_cache_bytes(m.n_layer, m.n_head, m.head_dim, 1, seq,
+                             _CACHE_DTYPE_BYTES.get(m.cache_dtype, 4))
+    need = per_row * max_batch_size
+    if need <= memory:
+        return
+    fits = memory // per_row
+    fix = (f"pass --max-batch-size {fits} or less" if fits >= 1
+           else "one row does not fit either")
+    raise InvalidParameterError(
+        "max_batch_size", f"--max-batch-size {max_batch_size} needs a KV cache of "
+        f"{human(need)} ({max_batch_size} rows x {human(per_row)}, {seq} tokens each), more "
+        f"than this machine's {human(memory)} of memory; {fix}, or export the model with a "
+        "smaller --max-length (python -m gpt2onnx.export ... --max-length N).")
+
+
+def check_bind(host: str, port: int) -> None:
+    """Bind a socket to (host, port) as uvicorn will (asyncio's create_server: every address
+    the host resolves to, SO_REUSEADDR, IPv6 sockets v6-only) and close it again, so that a
+    host that does not resolve or is not this machine's, or a port in use, is one "error:"
+    line before the model loads rather than uvicorn's log lines after."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    fix = ("pass another --host (an address of this machine, e.g. 127.0.0.1 or 0.0.0.0) "
+           "or --port (0: any free port)")
+    try:
+        infos = socket.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise InvalidParameterError(
+            "host", f"cannot listen on {where} (the host does not resolve: {reason}); "
+            f"{fix}.") from None
+    v6 = getattr(socket, "AF_INET6", None) if hasattr(socket, "IPPROTO_IPV6") else None
+    for family, kind, proto, address in dict.fromkeys((f, k, p, a) for f, k, p, _, a in infos):
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this machine lacks (IPv6): asyncio skips it too
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise InvalidParameterError(
+                "port", f"cannot listen on {where} ({reason}); {fix}.") from None
+        finally:
+            sock.close()
+
+
 def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -169,7 +301,7 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_server_args(args)
-    open_manifest(args.model_dir, verify=False)  # fail now, not after binding the port
+    manifest = open_manifest(args.model_dir, verify=False)  # fail now, not after binding
     config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                           max_queued_tokens=args.max_queued_tokens,
                           request_timeout=args.timeout, max_choices=args.max_n,
@@ -185,6 +317,8 @@ def _main(argv: list[str] | None) -> int:
         open_manifest(Path(args.speculative[len("draft:"):]), verify=False)
     if args.chat_template and args.chat_template not in BUILT_IN:
         check_template_file(args.chat_template)
+    check_cache_fits(manifest, args.max_batch_size, args.provider)
+    check_bind(args.host, args.port)  # last: the others cost nothing to fix first
     spec = args.speculative
     spinning = speculative_spinning(
         args.spinning, spec[len("draft:"):] if spec and spec.startswith("draft:") else spec)

@@ -55,7 +55,7 @@ def test_refuses_to_overwrite_a_foreign_folder(tiny_checkpoint, tmp_path):
 
 
 def test_missing_source(tmp_path):
-    with pytest.raises(ModelFolderError, match="cannot load a config"):
+    with pytest.raises(ModelFolderError, match="does not exist"):
         export_model(tmp_path / "nope", tmp_path / "out", ExportOptions())
     assert not (tmp_path / "out").exists()
 
@@ -96,7 +96,7 @@ def test_cli_reports_errors_and_exits_2(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
-    assert proc.stderr.startswith("error: cannot load a config")
+    assert proc.stderr.startswith("error: SOURCE ")
     assert "Traceback" not in proc.stderr
 
 

@@ -359,7 +359,8 @@ def _truncated(ckpt: Path) -> bytes:
     ("string layer_norm_epsilon", ModelFolderError, "cannot load a config"),
     ("zero layer_norm_epsilon", UnsupportedConfigError, "layer_norm_epsilon=0.0 must be a number"),
     ("n_embd not divisible", UnsupportedConfigError, "not divisible by n_head"),
-    ("wider than the weights", ModelFolderError, "does not match config.json"),
+    ("wider than the weights", ModelFolderError,
+     r"wrong shape .*\(32, 96\) in the file, \(64, 192\) from config.json"),
     ("deeper than the weights", ModelFolderError, r"lack 12 tensor\(s\)"),
     ("pad_token_id past vocab", UnsupportedConfigError, r"pad_token_id=1000 .*\[0, 999\]"),
     ("bos_token_id negative", UnsupportedConfigError, r"bos_token_id=-1 .*\[0, 999\]"),
@@ -396,6 +397,57 @@ def test_broken_checkpoint_is_a_one_line_typed_error(case, error, match, small_c
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+
+def test_weights_with_more_layers_than_config_are_refused(make_checkpoint, tmp_path):
+    # transformers drops the extra layers' tensors as "unexpected" and loads a shallower
+    # model: exported, that would be another model than the checkpoint.
+    two = make_checkpoint(seed=5, n_layer=2, n_embd=32, n_head=2, n_positions=32,
+                          vocab_size=1000)
+    source = _broken(two, tmp_path, config={"n_layer": 1})
+    with pytest.raises(ModelFolderError, match=r"hold \d+ tensor\(s\) config.json has no "
+                       r"place for \(transformer.h.1."):
+        export_model(source, tmp_path / "out", FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_garbage_pickle_message_does_not_advise_unsafe_loading(small_ckpt, tmp_path):
+    source = _broken(small_ckpt, tmp_path, weights=("pytorch_model.bin", b"not a pickle" * 99))
+    with pytest.raises(ModelFolderError) as err:
+        export_model(source, tmp_path / "out", FAST)
+    assert "weights_only=False" not in str(err.value)
+
+
+@pytest.mark.parametrize(("flag", "value", "match"), [
+    ("source", "config.json", "is a file"),
+    ("source", "/nonexistent/ckpt", "does not exist"),
+    ("tokenizer", "/nonexistent/tok", "does not exist"),
+    ("tokenizer", "./no-such-tokenizer", "does not exist"),
+])
+def test_local_paths_that_are_not_folders_fail_at_once(flag, value, match, small_ckpt,
+                                                       tmp_path):
+    # Spelled as a path: refused at once, not after 30 s of hub retries for a typo.
+    source = small_ckpt / value if value == "config.json" else value
+    if flag == "tokenizer":
+        source, opts = small_ckpt, ExportOptions(layout="standard", validate=False,
+                                                 tokenizer=value)
+    else:
+        opts = FAST
+    t0 = time.perf_counter()
+    with pytest.raises(ModelFolderError, match=match):
+        export_model(source, tmp_path / "out", opts)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_cli_error_after_loading_is_one_line(small_ckpt, tmp_path):
+    # transformers' load report table and progress bars must not bury the one error line.
+    source = _broken(small_ckpt, tmp_path, config={"n_embd": 64})
+    done = subprocess.run([sys.executable, "-m", "gpt2onnx.export", str(source),
+                           str(tmp_path / "out"), "--layout", "standard"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
 
 
 # -- 6. the tokenizer must belong to the model --------------------------------------------
@@ -525,7 +577,7 @@ def _one_error_line(capsys) -> str:
 
 def test_cli_user_errors_exit_2_with_one_line(small_ckpt, tmp_path, capsys):
     assert export_main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
-    assert _one_error_line(capsys).startswith("error: cannot load a config")
+    assert _one_error_line(capsys).startswith("error: SOURCE ")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "a.txt").write_text("x")

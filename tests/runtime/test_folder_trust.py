@@ -433,3 +433,19 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_standard: Path) 
     smaller = replace(model.manifest, vocab_size=8192)
     with pytest.raises(ModelFolderError, match=r"50257 tokens.*vocab_size is 8192"):
         check_tokenizer_fits(model.tokenizer, smaller, tiny_standard)
+
+
+def test_a_smaller_tokenizer_without_the_models_eos_is_refused_at_load(tiny_standard: Path,
+                                                                        tmp_path: Path
+                                                                        ) -> None:
+    # The embedded model's 8,192-token tokenizer fits GPT-2's vocabulary but has no id
+    # 50256 (GPT-2's EOS): it would load and generate garbage.
+    from tests.conftest import EMBEDDED_MODEL
+
+    folder = Path(shutil.copytree(tiny_standard, tmp_path / "swapped"))
+    shutil.copy(EMBEDDED_MODEL / "tokenizer.json", folder / "tokenizer.json")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["files"]["tokenizer.json"] = sha256_file(folder / "tokenizer.json")
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelFolderError, match=r"no token for the manifest's bos_token_id 50256"):
+        Model(folder)
