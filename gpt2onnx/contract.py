@@ -183,6 +183,8 @@ PROP_VOCAB_SIZE = "gpt2onnx.vocab_size"
 PROP_N_LAYER = "gpt2onnx.n_layer"
 PROP_N_HEAD = "gpt2onnx.n_head"
 PROP_HEAD_DIM = "gpt2onnx.head_dim"
+PROP_LAYOUT = "gpt2onnx.layout"
+PROP_PRECISION = "gpt2onnx.precision"
 
 
 def graph_props(manifest: Manifest) -> dict[str, str]:
@@ -194,6 +196,9 @@ def graph_props(manifest: Manifest) -> dict[str, str]:
         PROP_N_LAYER: str(manifest.n_layer),
         PROP_N_HEAD: str(manifest.n_head),
         PROP_HEAD_DIM: str(manifest.head_dim),
+        # Labels too: a manifest edited to say int8 over an fp32 graph is refused.
+        PROP_LAYOUT: manifest.layout,
+        PROP_PRECISION: manifest.precision,
     }
 
 

@@ -178,7 +178,10 @@ def test_check_threads_accepts_its_range() -> None:
     (["--num-draft-tokens", "0"], ("num_draft_tokens must be an integer in [1, 16]",)),
     (["--num-draft-tokens", "17"], ("num_draft_tokens must be an integer in [1, 16]",)),
     (["--max-new-tokens", "-1"], ("max_new_tokens must be >= 0",)),
-    (["--max-new-tokens", "many"], ("--max-new-tokens", "invalid int value")),
+    (["--max-new-tokens", "many"], ("--max-new-tokens", "must be an integer >= 0, got 'many'")),
+    (["--top-k", "1e5"], ("--top-k", f"must be an integer in [0, {MAX_TOP_K}]", "'1e5'")),
+    (["--num-draft-tokens", "nan"], ("--num-draft-tokens", "must be an integer in [1, 16]")),
+    (["--temperature", "abc"], ("--temperature", "[0.0001, 10000]", "'abc'")),
     (["--top-k", str(2**31)], (f"top_k must be <= {MAX_TOP_K}",)),
     (["--top-k", "-3"], ("top_k must be >= 0",)),
     (["--temperature", "3e38"], ("temperature must be <= 10000", "3e+38")),
@@ -194,6 +197,69 @@ def test_generate_refuses_out_of_range_flags(tiny_fused: Path, flags: list[str],
                                              words: tuple[str, ...]) -> None:
     proc = run_cli([*GENERATE, str(tiny_fused), "--prompt", "Hi", *flags])
     one_line_error(proc, *words)
+
+
+# Text that is no number is refused by argparse, naming what the flag takes (the API checks
+# the range of numbers, with the messages above).
+_EXPECTED = {
+    "--max-new-tokens": "an integer >= 0",
+    "--top-k": f"an integer in [0, {MAX_TOP_K}]",
+    "--min-tokens": "an integer in [0, --max-new-tokens]",
+    "--seed": "an integer >= 0",
+    "--num-draft-tokens": "an integer in [1, 16]",
+    "--temperature": f"a number: 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
+    "--top-p": "a number in (0, 1]",
+    "--min-p": "a number in [0, 1]",
+    "--repetition-penalty": "a number in [0.01, 100]",
+    "--frequency-penalty": "a number in [-2, 2]",
+    "--presence-penalty": "a number in [-2, 2]",
+}
+
+
+@pytest.mark.parametrize("flag", sorted(_EXPECTED))
+def test_generate_numeric_flags_name_what_they_take(flag: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from gpt2onnx.runtime.generate import parse_args
+
+    int_flag = _EXPECTED[flag].startswith("an integer")  # "1e5" is a float
+    for text in ("abc", "1e5", "nan", "") if int_flag else ("abc", "1,5", ""):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["m", "--prompt", "Hi", flag, text])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "invalid" not in err, err
+        assert flag in err and f"must be {_EXPECTED[flag]}" in err and repr(text) in err, err
+
+
+def test_generate_number_flags_still_parse(tiny_fused: Path) -> None:
+    from gpt2onnx.runtime.generate import parse_args
+
+    args = parse_args(["m", "--prompt", "Hi", "--max-new-tokens", " 7 ", "--top-k", "-3",
+                       "--temperature", "nan", "--top-p", "0.5", "--seed", "12"])
+    assert (args.max_new_tokens, args.top_k, args.top_p, args.seed) == (7, -3, 0.5, 12)
+    assert math.isnan(args.temperature)  # the API refuses it, with its message
+
+
+def test_a_prompt_too_long_names_the_cli_flag(tiny_fused: Path) -> None:
+    context = Model(tiny_fused).context_length
+    proc = run_cli([*GENERATE, str(tiny_fused), "--prompt", "Hello " * (2 * context)])
+    err = one_line_error(proc, "Shorten the prompt or pass --truncate")
+    assert "on_overflow" not in err
+    proc = run_cli([*GENERATE, str(tiny_fused), "--prompt", "Hi", "--max-new-tokens",
+                    str(10 * context)])
+    err = one_line_error(proc, "new tokens or pass --truncate")
+    assert "on_overflow" not in err
+    ok = run_cli([*GENERATE, str(tiny_fused), "--prompt", "Hello " * (2 * context),
+                  "--max-new-tokens", "2", "--truncate"])
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_the_api_still_names_on_overflow(tiny_fused: Path) -> None:
+    from gpt2onnx.errors import PromptTooLongError
+
+    model = Model(tiny_fused)
+    with pytest.raises(PromptTooLongError, match="on_overflow='truncate'"):
+        model.generator(["Hi"], GenerationParams(max_new_tokens=10 * model.context_length))
 
 
 def test_generate_refuses_a_prompt_that_is_not_utf8(tiny_fused: Path) -> None:

@@ -291,6 +291,13 @@ def test_graph_props_disagreeing_with_the_manifest(standard: Path) -> None:
     assert Model(standard).generate("Hi", max_new_tokens=2).token_ids
 
 
+
+@pytest.mark.parametrize("label", ["int8", "fp16"])
+def test_a_precision_label_the_graph_does_not_carry(fused: Path, label: str) -> None:
+    # An fp32 graph whose manifest says int8 would be reported, benchmarked and used as
+    # int8; the graph's own label (graph_props) refuses it.
+    _refused(_edit(fused, precision=label), "gpt2onnx.precision", "fp32", label)
+
 def test_vocab_size_that_does_not_match_the_logits(standard: Path) -> None:
     _refused(_edit(standard, vocab_size=50000, bos_token_id=0, eos_token_id=0), "50000",
              "50257")
