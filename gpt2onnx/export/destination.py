@@ -73,7 +73,21 @@ def is_our_export(folder: Path) -> bool:
     files = manifest.files if isinstance(manifest.files, dict) else {}
     expected = _UNHASHED_FILES | {str(name) for name in files}
     return all(entry.name in expected and entry.is_file() and not entry.is_symlink()
-               for entry in folder.iterdir())
+               for entry in folder.iterdir()) and edited_files(folder) is None
+
+
+def edited_files(folder: Path) -> str | None:
+    """Why the files of an earlier export are not the ones it wrote (a file edited by
+    hand, or a corrupt copy), or None: each file's sha256 must still match its manifest
+    (the runtime's check, which skips files whose stat stamp is unchanged since they last
+    matched). Only then is replacing it deleting nothing of the user's."""
+    from gpt2onnx.runtime.folder import open_manifest
+
+    try:
+        open_manifest(folder, verify=True)
+    except ModelFolderError as exc:
+        return str(exc)
+    return None
 
 
 def check_replaceable(out: Path, shown: Path | None = None) -> None:
@@ -87,6 +101,12 @@ def check_replaceable(out: Path, shown: Path | None = None) -> None:
             "Choose another OUT_DIR or remove it.")
     if not any(out.iterdir()) or is_our_export(out):
         return
+    edited = edited_files(out) if (out / REPORT_FILE).is_file() else None
+    if edited is not None:
+        raise ModelFolderError(
+            f"OUT_DIR {str(shown)!r} is an earlier export whose files were changed since "
+            f"({edited}); refusing to overwrite what may be your edits. Choose another "
+            "OUT_DIR, or remove it if nothing in it is yours.")
     raise ModelFolderError(
         f"OUT_DIR {str(shown)!r} exists and is not a gpt2onnx model folder (an export has a "
         f"{MANIFEST_FILE} gpt2onnx can read, an {REPORT_FILE} and only the files its "

@@ -616,3 +616,15 @@ def test_cli_refuses_out_dir_that_is_not_utf8(small_ckpt, tmp_path):
                           capture_output=True, timeout=120, cwd=REPO)
     err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and "UTF-8" in err[0], err
+
+
+def test_an_earlier_export_with_an_edited_file_is_refused_untouched(earlier_export,
+                                                                    small_ckpt):
+    # Only the names of its files were checked before: a hand-edited tokenizer.json (the
+    # user's work) was replaced silently.
+    tokenizer = earlier_export / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"', '"', 1) + " ")
+    before = _tree(earlier_export)
+    with pytest.raises(ModelFolderError, match="files were changed since .*tokenizer.json"):
+        export_model(small_ckpt, earlier_export, FAST)
+    assert _tree(earlier_export) == before
