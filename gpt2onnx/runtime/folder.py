@@ -293,10 +293,16 @@ def _probe_last_position(graph: Path, manifest: Manifest,
     try:
         session.run([LOGITS], feeds, quiet)
     except Exception as exc:  # onnxruntime raises its own untyped errors
+        optimum = m.source.startswith("optimum")
+        said = ("config.json says n_positions" if optimum else "manifest.json says "
+                "context_length")
+        sizes = f"n_layer {m.n_layer}, n_head {m.n_head}, n_embd {m.n_embd}"
+        fix = "Fix config.json or export the folder again" if optimum else "Re-export the folder"
         raise ModelFolderError(
-            f"{graph} cannot run position {m.context_length - 1}, but manifest.json says "
-            f"context_length {m.context_length} (its position table is shorter, or the "
-            f"graph does not match the manifest): {_first_line(exc)}. Re-export the folder."
+            f"{graph} fails a one-token run at position {m.context_length - 1} ({said} "
+            f"{m.context_length}; {sizes}): either its position table is shorter or those "
+            f"sizes are not the graph's: {_first_line(exc)}. "
+            f"{fix}."
         ) from exc
 
 
