@@ -28,7 +28,7 @@ GEN_ARGS  ?= --repetition-penalty 1.3
 PORT      ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run export generate test browser test-fast test-slow lint bench bench-core bench-speculative bench-serving bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
+.PHONY: bench-openvino-setup setup run export generate test browser test-fast test-slow lint bench bench-core bench-speculative bench-serving bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,25 @@ $(GENAI_STAMP):
 	touch $@
 
 bench-setup: setup $(OPT_STAMP) $(GENAI_STAMP)
+
+# OpenVINO GenAI, for the speculative bench's side-by-side (~2.5 GB; not part of make
+# test). optimum-intel pulls torchvision, whose resolver swaps in a CUDA torch (6 GB):
+# both go, and the CPU torch 2.13.0 comes back (the export needs only torch itself).
+OV_VENV  := .venv-openvino
+OV_STAMP := $(OV_VENV)/.installed
+$(OV_STAMP):
+	$(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/pip install -q --upgrade pip
+	$(OV_VENV)/bin/pip install -q $(TORCH)
+	$(OV_VENV)/bin/pip install -q 'optimum-intel[openvino]==2.2.0' 'transformers>=4.45,<5.6' \
+		'openvino==2026.4.1' 'openvino-genai==2026.4.1.0' 'openvino-tokenizers==2026.4.1.0'
+	$(OV_VENV)/bin/pip uninstall -y -q torchvision torch
+	$(OV_VENV)/bin/pip install -q $(TORCH)
+	$(OV_VENV)/bin/pip list 2>/dev/null | awk '/^(nvidia|cuda)/ {print $$1}' \
+		| xargs -r $(OV_VENV)/bin/pip uninstall -y -q
+	touch $@
+
+bench-openvino-setup: setup $(OV_STAMP)
 
 # The full bench (gpt2 architecture, every variant; ~20-30 min on 2 cores), then the
 # one-step core's (sampled vs greedy, scoring vs transformers; ~10 min), speculative

@@ -86,11 +86,45 @@ def compare(name: str, model: Model, prompts: list[list[int]], params: Generatio
         rows.append({"variant": v, "ms_per_token": m, "speedup": plain / m,
                      "identical": res["tokens"] == last["plain"]["tokens"],
                      "acceptance_rate": res["acceptance_rate"],
-                     "tokens_per_round": res["tokens_per_round"], "runs": ms[v]})
+                     "tokens_per_round": res["tokens_per_round"], "runs": ms[v],
+                     "tokens": res["tokens"][0]})
         _log(f"{name} / {v}: {m:.2f} ms/token, {plain / m:.2f}x, acceptance "
              f"{res['acceptance_rate']:.2f}, {res['tokens_per_round']:.2f} tokens/round")
     return {"workload": name, "batch": len(prompts), "rows": rows,
             "greedy": params.temperature == 0.0}
+
+
+OPENVINO_VENV = ".venv-openvino"
+
+
+def openvino_side(cache: Path, ckpt: Path, prompt: list[int], new: int, ks: tuple[int, ...],
+                  runs: int, ours: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenVINO GenAI's plain, prompt-lookup and draft-model (int8 of the same checkpoint)
+    decoding on the same ids, right after ours in the same run (its venv: ``make
+    bench-openvino-setup``); None where that venv is missing."""
+    from gpt2onnx.bench import openvino_speculative as ovs
+
+    python = prepare.peer_python(OPENVINO_VENV)
+    if python is None:
+        _log(f"OpenVINO GenAI not run: {OPENVINO_VENV} is missing (make bench-openvino-setup)")
+        return None
+    target = ovs.export_ir(python, ckpt, cache / f"openvino-{ckpt.name}-fp32", "fp32")
+    draft = ovs.export_ir(python, ckpt, cache / f"openvino-{ckpt.name}-int8", "int8")
+    _log("OpenVINO GenAI: plain, prompt lookup, int8 draft")
+    out = ovs.run(python, target, draft, prompt, new, list(ks), runs)
+    ours_plain = next(r for r in ours["rows"] if r["variant"] == "plain")
+    ours_tokens = ours_plain.get("tokens")
+    plain = out["modes"]["plain"]["ms_per_token"]
+    ours_ms = {r["variant"]: r["ms_per_token"] for r in ours["rows"]}
+    rows = []
+    for mode, m in out["modes"].items():
+        rows.append({"variant": mode, "ms_per_token": m["ms_per_token"],
+                     "speedup": plain / m["ms_per_token"],
+                     "identical_to_ours": m["tokens"] == ours_tokens,
+                     "ours_ms_per_token": ours_ms.get(mode),
+                     "runs": m["runs"]})
+        _log(f"OpenVINO {mode}: {m['ms_per_token']:.2f} ms/token")
+    return {"openvino_genai": out["openvino_genai"], "rows": rows}
 
 
 def copy_prompt(model: Model) -> list[int]:
@@ -140,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     variants["unrelated int8 draft k=8"] = (unrelated, 8, paired)
     work = result["workloads"]
     work.append(compare("gpt2 arch, greedy", target, prompt, greedy, variants, runs))
+    if not args.smoke:
+        result["openvino"] = openvino_side(args.cache, ckpt, prompt[0], new, ks, runs,
+                                           work[-1])
     free = greedy.with_(temperature=1.0, seed=0)
     work.append(compare("gpt2 arch, sampled T=1 (nothing to copy)", target, prompt, free,
                         {"prompt lookup k=4": ("ngram", 4)}, runs))
@@ -185,6 +222,23 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{same if spec else ''} | "
                          f"{r['acceptance_rate']:.2f} | {r['tokens_per_round']:.2f} |"
                          if spec else f"| plain | {r['ms_per_token']:.2f} | 1.00x | | | |")
+        lines.append("")
+    ov = result.get("openvino")
+    if ov:
+        lines += [f"## OpenVINO GenAI {ov['openvino_genai']}, the gpt2 greedy workload above", "",
+                  "Its own modes on its own export (optimum-cli, fp32 target, int8 draft of "
+                  "the same checkpoint), the same prompt ids, right after ours in the same "
+                  "run; ms per token after the first (its prefill timed alone and left out, "
+                  "as for ours).", "",
+                  "| mode | OpenVINO ms/token | its speed-up | ours ms/token | ours / OpenVINO "
+                  "| tokens = ours |", "|---|---:|---:|---:|---:|---|"]
+        for r in ov["rows"]:
+            mine = r["ours_ms_per_token"]
+            theirs = r["ms_per_token"]
+            ratio = "-" if mine is None else f"{mine / theirs:.2f}x"
+            lines.append(f"| {r['variant']} | {theirs:.2f} | {r['speedup']:.2f}x | "
+                         f"{'-' if mine is None else f'{mine:.2f}'} | {ratio} | "
+                         f"{'yes' if r['identical_to_ours'] else 'NO'} |")
         lines.append("")
     return "\n".join(lines)
 
