@@ -18,11 +18,13 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -372,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    if args.json:
+        # Before the run, not after minutes of load: a report with nowhere to go is lost.
+        folder = Path(args.json).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            print(f"error: --json {args.json!r}: folder {str(folder)!r} does not exist or is "
+                  "not writable; pass a path in a writable folder.", file=sys.stderr)
+            return 2
     payload: dict[str, Any] = {"prompt": args.prompt, "max_tokens": args.max_tokens,
                                "temperature": args.temperature, "stream": args.stream,
                                "ignore_eos": args.ignore_eos}

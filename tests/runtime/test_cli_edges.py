@@ -376,6 +376,8 @@ def test_serve_refuses_bad_flags(tiny_fused: Path, flags: list, words: tuple[str
     (["--temperature", "1e39"], ("--temperature",)),
     (["--timeout", "0"], ("--timeout",)),
     (["--prompt", b"\xff"], ("--prompt", "UTF-8")),
+    # Refused before the run (the server here is unreachable: the check must come first).
+    (["--json", "/nonexistent/dir/report.json"], ("--json", "does not exist")),
 ])
 def test_loadtest_refuses_bad_flags(flags: list, words: tuple[str, ...]) -> None:
     proc = run_cli([sys.executable, "-m", "gpt2onnx.loadtest", "http://127.0.0.1:9", *flags])
