@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from gpt2onnx.errors import Gpt2OnnxError
 
@@ -72,6 +72,21 @@ def float_in(lo: float, hi: float, *, low_open: bool = False) -> Callable[[str],
         return value
 
     parse.__name__ = f"number in {span}"
+    return parse
+
+
+def parsed_as(kind: type, expected: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that only parses ``kind`` (int or float): text that is not one
+    is refused naming what the flag takes (``expected``); the range itself is the API's
+    to check, with its message."""
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+
+    parse.__name__ = expected
     return parse
 
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
-from typing import Any
 
-from gpt2onnx.cli import Parser, int_in, run_main, utf8_text
+from gpt2onnx.cli import Parser, int_in, parsed_as, run_main, utf8_text
 from gpt2onnx.errors import InvalidParameterError, PromptTooLongError
 from gpt2onnx.runtime.drafting import NGRAM
 from gpt2onnx.runtime.folder import SPIN_RUN
@@ -39,21 +37,6 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
                    help="idle onnxruntime threads sleep instead of busy-waiting: faster on "
                         "a CPU shared with other busy processes (default: spin, unless "
                         "GPT2ONNX_SPIN=0)")
-
-
-def parsed_as(kind: type, expected: str) -> Callable[[str], Any]:
-    """An argparse ``type=`` that only parses ``kind`` (int or float): text that is not one
-    is refused naming what the flag takes (``expected``); the range itself is the API's
-    to check, with its message."""
-
-    def parse(text: str) -> Any:
-        try:
-            return kind(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
-
-    parse.__name__ = expected
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

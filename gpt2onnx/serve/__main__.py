@@ -14,12 +14,12 @@ from typing import Any
 
 import uvicorn
 
-from gpt2onnx.cli import Parser, run_main, utf8_text
+from gpt2onnx.cli import Parser, parsed_as, run_main, utf8_text
 from gpt2onnx.contract import LAYOUT_FUSED, Manifest
 from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.kvmem import human, kv_cache_bytes
 from gpt2onnx.runtime.folder import open_manifest
-from gpt2onnx.runtime.generate import add_session_args, parsed_as, speculative_spinning
+from gpt2onnx.runtime.generate import add_session_args, speculative_spinning
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.runtime.params import MAX_DRAFT_TOKENS
 from gpt2onnx.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, create_app
