@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,10 @@ def tiny_standard(tiny_checkpoint: Path, export_folder: Callable[..., Path]) -> 
 @pytest.fixture(scope="session")
 def tiny_fused(tiny_checkpoint: Path, export_folder: Callable[..., Path]) -> Path:
     return export_folder(tiny_checkpoint, layout="fused")
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child a test interrupts with SIGINT: a shell starts background
+    jobs (``cmd &``, nohup) with SIGINT ignored, children inherit that, and our CLIs rightly
+    keep an inherited ignore; the test wants the disposition a terminal gives."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -6,6 +6,7 @@ the architecture and options, so a second run starts measuring at once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -63,12 +64,22 @@ def checkpoint(cache: Path, arch: dict[str, int], seed: int = 0) -> tuple[Path, 
     return folder, what
 
 
+@functools.cache
+def exporter_digest() -> str:
+    """A digest of the exporter's source, so that a changed exporter re-exports the
+    bench's folders instead of timing graphs an older exporter wrote."""
+    h = hashlib.sha256()
+    for f in sorted((REPO / "gpt2onnx" / "export").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def our_export(cache: Path, ckpt: Path, layout: str, precision: str,
                provider: str = "cpu") -> Path:
     """Our model folder for (layout, precision, provider); exported once and reused."""
     from gpt2onnx.export.api import ExportOptions, export_model
 
-    out = cache / f"ours-{ckpt.name}-{layout}-{precision}-{provider}"
+    out = cache / f"ours-{ckpt.name}-{layout}-{precision}-{provider}-{exporter_digest()}"
     if not (out / "manifest.json").exists():
         # Validation against PyTorch is the exporter's test suite's job; the bench checks
         # instead that greedy tokens agree with the PyTorch variants on its own prompt.

@@ -5,7 +5,8 @@ Speculative decoding (issue 13), every variant interleaved run by run, medians:
      against prompt lookup (k = 4, 8), draft models of the same checkpoint (int8, int4;
      k = 4, 8) and a draft that never agrees (another random checkpoint, half the layers):
      ms/token, speed-up, identical tokens, acceptance, tokens per verification;
-  2. the same target sampling at temperature 1 (free text, nothing to copy): what prompt
+  1b. an int8 target (per-row activation scales) with prompt lookup and an int4 draft;
+  2. the same fp32 target sampling at temperature 1 (free text, nothing to copy): what prompt
      lookup costs when it cannot help;
   3. the embedded trained model (pydoc-tiny): its real acceptance rates on doc prose and
      on a prompt that quotes a passage of its training text and starts it again;
@@ -177,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke:
         result["openvino"] = openvino_side(args.cache, ckpt, prompt[0], new, ks, runs,
                                            work[-1])
+    # An int8 target: each token row has its own activation scale, so its verification is
+    # exact (up to the attention kernel's rounding) and "identical tokens" is checked too.
+    work.append(compare("gpt2 arch, int8 target, greedy", Model(drafts["int8"].folder),
+                        prompt, greedy, {"prompt lookup k=4": ("ngram", 4),
+                                         "prompt lookup k=8": ("ngram", 8),
+                                         "int4 draft k=4": (drafts["int4"], 4, drafts["int8"])},
+                        runs))
     free = greedy.with_(temperature=1.0, seed=0)
     work.append(compare("gpt2 arch, sampled T=1 (nothing to copy)", target, prompt, free,
                         {"prompt lookup k=4": ("ngram", 4)}, runs))
@@ -208,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Speculative decoding bench ({result['when']})", "",
-             f"Target checkpoint: {result['checkpoint']}; fused fp32 target, "
+             f"Target checkpoint: {result['checkpoint']}; fused fp32 target unless the "
+             "workload says int8, "
              f"{result['new_tokens']} new tokens per run (128 for pydoc-tiny), medians of "
              f"interleaved runs. Load average at start: {result['load']:.2f}.", ""]
     for w in result["workloads"]:

@@ -46,6 +46,9 @@ from gpt2onnx.runtime.stops import StopText
 if TYPE_CHECKING:
     from gpt2onnx.runtime.model import Model
 
+# Weight of the newest plain step in the EMA of plain step times.
+_PLAIN_EMA = 0.25
+
 log = logging.getLogger("gpt2onnx.runtime")
 
 FINISH_STOP = "stop"
@@ -226,6 +229,9 @@ class Generator:
             self._finalizer = weakref.finalize(self, _close_both, model, self.cache, drafter)
         self.speculation = SpeculationStats()
         self._draft_len: list[DraftLength | None] = [None] * size
+        # Wall ms of a plain step while speculation could run (an EMA): what a greedy
+        # round's ms per token produced is held against. None until one was timed.
+        self._plain_step_ms: float | None = None
 
     def close(self) -> None:
         """Hand the cache back to the model now (also happens when the generator is
@@ -497,10 +503,13 @@ class Generator:
                 raise RuntimeError("generation is done; add a row or start a new Generator")
             t0 = time.perf_counter()
             slots = np.flatnonzero(self._active)
-            if self.drafter is not None and slots.size <= self.speculative_max_batch:
+            could_draft = self.drafter is not None and slots.size <= self.speculative_max_batch
+            # The first such step is a plain one, so that rounds have a plain step to be
+            # held against (it costs nothing: a plain step is what would run anyway).
+            if could_draft and self._plain_step_ms is not None:
                 requests = self._draft_requests(slots)
                 if requests:
-                    picked = self._speculative_step(slots, requests)
+                    picked = self._speculative_step(slots, requests, t0)
                     self.timings.decode_ms_total += (time.perf_counter() - t0) * 1e3
                     return picked
             result = self.cache.step([Append(int(s), self._last[s:s + 1]) for s in slots])
@@ -511,7 +520,12 @@ class Generator:
                 assert row is not None
                 entries.append((s, row, k))
             self._pick(entries, result, picked)
-            self.timings.decode_ms_total += (time.perf_counter() - t0) * 1e3
+            elapsed = (time.perf_counter() - t0) * 1e3
+            if could_draft:
+                before = self._plain_step_ms
+                self._plain_step_ms = elapsed if before is None else \
+                    before + _PLAIN_EMA * (elapsed - before)
+            self.timings.decode_ms_total += elapsed
             self.timings.decode_steps += 1
             self.timings.decode_tokens += 1
             return picked
@@ -541,7 +555,8 @@ class Generator:
             requests.append(DraftRequest(s, ids, k, row.sampler if row.sampler.sampled else None))
         return requests
 
-    def _speculative_step(self, slots: np.ndarray, requests: list[DraftRequest]) -> np.ndarray:
+    def _speculative_step(self, slots: np.ndarray, requests: list[DraftRequest],
+                          t0: float) -> np.ndarray:
         """One target step in which the drafting rows append their next input plus their
         draft (logits at every one of those positions) and the others one token."""
         assert self.drafter is not None
@@ -569,7 +584,7 @@ class Generator:
         plain: list[tuple[int, Row, int]] = []
         pending = set(drafts)  # rows whose cache still holds every drafted token
         try:
-            gained = self._verify_all(slots, drafts, result, before, picked, plain, pending)
+            gained = self._verify_all(slots, drafts, result, before, picked, plain, pending, t0)
         except BaseException:
             for s in pending:  # forget the unverified tokens: that part of the step is lost
                 self.cache.rewind(s, before[s])
@@ -584,11 +599,14 @@ class Generator:
 
     def _verify_all(self, slots: np.ndarray, drafts: dict[int, Draft], result: StepResult,
                     before: dict[int, int], picked: np.ndarray,
-                    plain: list[tuple[int, Row, int]], pending: set[int]) -> int:
+                    plain: list[tuple[int, Row, int]], pending: set[int], t0: float) -> int:
         """Verify each drafting row of the step; collect the others into ``plain``.
         Returns the most tokens a row gained."""
         assert self.drafter is not None
         gained = 1
+        # Drafting and the verification run so far (the verification's own Python is
+        # small and the same for a plain step's pick).
+        round_ms = (time.perf_counter() - t0) * 1e3
         for k, s in enumerate(slots.tolist()):
             row = self.rows[s]
             assert row is not None
@@ -608,7 +626,12 @@ class Generator:
             gained = max(gained, len(row.token_ids) - start)
             length = self._draft_len[s]
             if length is not None:
-                length.update(d.tokens.size, accepted)
+                # Only greedy rows judge rounds by time: their output is the same either
+                # way, while a sampled row's draws depend on whether it speculated, and a
+                # seeded row must not change with the machine's load.
+                slower = not row.sampler.sampled and self._plain_step_ms is not None and \
+                    round_ms > self._plain_step_ms * (len(row.token_ids) - start)
+                length.update(d.tokens.size, accepted, slower)
             if row.done:
                 self._forget_draft(s)
                 continue

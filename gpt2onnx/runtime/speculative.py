@@ -17,7 +17,8 @@ distribution after the j first drafts, so:
 
 Rejected drafts are forgotten by rewinding the slot (setting its length). How many tokens
 to draft adapts per row (``DraftLength``), so that a row whose drafts keep failing stops
-paying for them.
+paying for them, and so that a greedy row whose drafts are accepted but cost more time
+than they save (a draft model nearly as slow as the target) stops too.
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ def check_speculative_max_batch(value: object) -> int:
 class DraftLength:
     """How many tokens to draft for one row: starts at 2, doubles after a fully accepted
     draft (up to k_max), drops to just past the accepted ones after a rejection, and
-    pauses (plain decoding) after two rounds in a row that kept less than half their
-    draft, for a number of steps that doubles until a round pays again. Starting small
-    bounds what a draft that never agrees costs before it is found out (measured with an
-    unrelated draft model: 0.90x plain when starting at k_max = 8)."""
+    pauses (plain decoding) after two rounds in a row that did not pay, for a number of
+    steps that doubles until a round pays again. A round does not pay when it kept less
+    than half its draft, or (``slower``, greedy rows only, see ``Generator``) when its
+    wall time per token produced exceeded a plain step's. Starting small bounds what a
+    draft that never agrees costs before it is found out (measured with an unrelated draft
+    model: 0.90x plain when starting at k_max = 8)."""
 
     def __init__(self, k_max: int) -> None:
         self.k_max = k_max
@@ -76,14 +79,14 @@ class DraftLength:
             return 0
         return self.k
 
-    def update(self, proposed: int, accepted: int) -> None:
+    def update(self, proposed: int, accepted: int, slower: bool = False) -> None:
         if proposed == 0:
             return
         if accepted == proposed:
             self.k = min(self.k_max, 2 * self.k)
         else:
             self.k = max(1, min(self.k - 1, accepted + 1))
-        if 2 * accepted >= proposed:  # a round that paid: start over
+        if 2 * accepted >= proposed and not slower:  # a round that paid: start over
             self.misses = 0
             self.next_pause = _PAUSE_STEPS
             return

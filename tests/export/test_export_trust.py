@@ -21,7 +21,7 @@ from gpt2onnx.errors import ModelFolderError, UnsupportedConfigError, Validation
 from gpt2onnx.export import api, destination
 from gpt2onnx.export.__main__ import main as export_main
 from gpt2onnx.export.api import ExportOptions, export_model
-from tests.conftest import EMBEDDED_MODEL, TOKENIZER_DIR
+from tests.conftest import EMBEDDED_MODEL, TOKENIZER_DIR, default_sigint
 
 FAST = ExportOptions(layout="standard", validate=False)
 REPO = Path(__file__).resolve().parents[2]
@@ -228,7 +228,7 @@ def _stalled_cli(stage: str, tmp_path: Path, *args: str) -> tuple[subprocess.Pop
     ready = tmp_path / f"ready-{stage}"
     proc = subprocess.Popen([sys.executable, "-c", _STALLED_CLI, stage, str(ready), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO)
+                            cwd=REPO, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not ready.exists():
         assert proc.poll() is None, proc.communicate()

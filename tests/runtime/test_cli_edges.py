@@ -38,6 +38,7 @@ from gpt2onnx.runtime.params import (
     check_threads,
 )
 from gpt2onnx.runtime.sampling import RowSampler, pick_tokens
+from tests.conftest import default_sigint
 
 GENERATE = [sys.executable, "-m", "gpt2onnx.runtime.generate"]
 
@@ -326,7 +327,8 @@ def test_generate_stops_on_a_signal_with_one_line(tiny_fused: Path, sig: int, st
     proc = subprocess.Popen([sys.executable, "-c", SLOW_GENERATE, str(tiny_fused), "--prompt",
                              "Hello", "--max-new-tokens", "100", "--stream",
                              "--temperature", "0.8", "--seed", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
     try:
         assert proc.stdout.read(1)  # generation has begun (the first flush)
         proc.send_signal(sig)

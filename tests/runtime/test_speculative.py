@@ -8,6 +8,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,39 @@ def test_int8_target_and_draft_of_the_embedded_model(embedded):
         spec, stats = run(target, [prompt], params, draft=draft, num_draft_tokens=5)
         assert tokens(spec) == tokens(plain)
         assert stats.acceptance_rate > 0.5, stats  # a trained model agrees with its int8 self
+
+
+@pytest.fixture(scope="module")
+def quantized_targets(tiny_checkpoint: Path, export_folder, embedded) -> dict[str, tuple]:
+    """int8 targets with an int4 draft of the same checkpoint, tiny and trained."""
+    out = {}
+    for name, checkpoint in (("tiny", tiny_checkpoint), ("embedded", EMBEDDED_MODEL)):
+        out[name] = tuple(Model(export_folder(checkpoint, layout="fused", precision=p),
+                                spinning=p == "int8")
+                          for p in ("int8", "int4"))
+    return out
+
+
+@pytest.mark.parametrize("which", ["tiny", "embedded"])
+@pytest.mark.parametrize("drafter", ["ngram", "int4"])
+@pytest.mark.parametrize("k", [2, 5])
+def test_greedy_on_an_int8_target_equals_plain(quantized_targets, which, drafter, k):
+    """int8 folders scale each token row on its own, so a position verified inside a
+    k+1-token run gets the logits of a one-token step (up to the attention kernel's
+    float rounding): greedy speculation keeps the plain tokens, alone and in a batch."""
+    target, int4 = quantized_targets[which]
+    draft = "ngram" if drafter == "ngram" else int4
+    texts = ["def read(self, path):\n    \"\"\"Return the", "Return the number of items in",
+             "class Cache:\n    \"\"\"A cache of", "import os\n\n\ndef main():\n"]
+    prompts = [target.encode(t) for t in texts] if which == "embedded" else \
+        [LOOPY, LOOPY[:7], [50, 60, 70], target.encode("Once upon a time")]
+    params = [GREEDY.with_(max_new_tokens=n) for n in (40, 17, 29, 5)]
+    plain, _ = run(target, prompts, params)
+    alone, stats = run(target, prompts[:1], params[:1], draft=draft, num_draft_tokens=k)
+    assert tokens(alone) == tokens(plain)[:1] and stats.proposed > 0, stats
+    batched, stats = run(target, prompts, params, draft=draft, num_draft_tokens=k,
+                         speculative_max_batch=8)
+    assert tokens(batched) == tokens(plain) and stats.rounds > 0
 
 
 def test_context_end(target):
@@ -386,6 +420,56 @@ def test_draft_length_adapts_and_pauses():
     d.update(4, 1)
     d.update(2, 0)
     assert d.wanted() == 0
+
+
+def test_a_round_that_costs_more_than_it_saves_is_a_miss():
+    d = DraftLength(8)
+    d.update(2, 2, slower=True)
+    assert d.k == 4  # fully accepted: the draft length still grows
+    d.update(4, 4, slower=True)  # but two rounds slower than plain steps pause the row
+    assert [d.wanted() for _ in range(8)] == [0] * 8
+    d.update(8, 8, slower=False)
+    d.update(8, 8, slower=True)
+    assert d.wanted() > 0  # one slow round after one that paid is not a pause
+
+
+def _slow_drafter(gen, seconds: float) -> None:
+    propose = gen.drafter.propose
+
+    def slow(requests):
+        time.sleep(seconds)
+        return propose(requests)
+
+    gen.drafter.propose = slow
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_greedy_rows_stop_drafting_when_drafting_costs_more_than_it_saves(target, int8_draft,
+                                                                         sampled):
+    """An accepted draft that takes longer than the plain steps it replaces (here: a
+    drafter made 30 ms slower than a ~1 ms tiny-model step) pauses a greedy row like a
+    rejected one; sampled rows are judged by acceptance only (their draws depend on
+    speculation, so a seeded row must not depend on timing)."""
+    params = GREEDY.with_(max_new_tokens=60)
+    if sampled:
+        params = params.with_(temperature=0.7, seed=1)
+    draft = Model(int8_draft, spinning=False)  # agrees with the target most of the time
+    gen = target.generator([LOOPY], params, draft=draft)
+    _slow_drafter(gen, 0.03)
+    rounds = []  # verifications so far, after each step
+    while not gen.is_done():
+        gen.generate_next_token()
+        rounds.append(gen.speculation.rounds)
+    got, stats = list(gen.rows[0].token_ids), gen.speculation
+    gen.close()
+    if sampled:
+        assert stats.emitted >= 40, stats  # its drafts are accepted: it keeps drafting
+        return
+    # The prefill, a plain first step (to time one), two accepted but slow rounds, then a
+    # pause of 8 plain steps.
+    assert rounds[:12] == [0, 0, 1, 2] + [2] * 8, rounds
+    assert stats.accepted > stats.proposed / 2  # paused for time, not for rejections
+    assert got == tokens(run(target, [LOOPY], params)[0])[0]
 
 
 # ------------------------------------------------------------------------------- the CLI
