@@ -27,6 +27,7 @@ from gpt2onnx.bench.variants import (
     CUDA_VARIANTS,
     GENAI_VENV,
     KIND_GENAI,
+    KIND_LLAMACPP,
     KIND_OPTIMUM,
     KIND_OURS,
     TORCH_KINDS,
@@ -91,7 +92,8 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "cpu": cpu, "cpu_short": cpu.split(" ")[0] + " " + " ".join(cpu.split(" ")[1:2]),
+        "cpu": cpu, "cpu_flags": prepare.cpu_flags(),
+        "cpu_short": cpu.split(" ")[0] + " " + " ".join(cpu.split(" ")[1:2]),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(logical=True),
         "memory_gb": psutil.virtual_memory().total / 2**30,
@@ -146,6 +148,13 @@ def build_targets(chosen: list[Variant], ckpt: Path, cache: Path, clock: Clock
             clock.log("onnxruntime-genai: our standard fp32 folder")
             folder = prepare.genai_folder(cache, ckpt)
             targets.append(ms.Target(v, str(python), str(folder)))
+        elif v.kind == KIND_LLAMACPP:
+            from gpt2onnx.bench.peer_llamacpp import gguf_files
+
+            clock.log(f"llama.cpp GGUF for {v.name}")
+            # gen_ids does the work; its worker needs only the stdlib: this interpreter.
+            folder = gguf_files(cache, ckpt)[v.precision]
+            targets.append(ms.Target(v, sys.executable, str(folder)))
     return targets
 
 

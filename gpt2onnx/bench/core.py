@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs or (2 if args.smoke else 7)
     new = 8 if args.smoke else 64
     result: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                              "checkpoint": what, "load": os.getloadavg()[0]}
+                              "checkpoint": what, "load": os.getloadavg()[0],
+                              "cpu_flags": prepare.cpu_flags()}
     result["sampling"] = sampled_vs_greedy(folders, prompt, new, runs, [1, 16])
     if args.baseline:
         result["baseline"] = against_baseline(ckpt, args.cache, args.baseline, folders, prompt,

@@ -64,6 +64,24 @@ def checkpoint(cache: Path, arch: dict[str, int], seed: int = 0) -> tuple[Path, 
     return folder, what
 
 
+# The instruction sets that decide which kernels run: the same code ran 1.3-1.7x apart on
+# hosts with and without AVX-512 (OpenVINO computes in bf16 where avx512_bf16 exists).
+SPEED_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16",
+               "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of ``SPEED_FLAGS`` this CPU has (empty where /proc/cpuinfo is unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SPEED_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 @functools.cache
 def exporter_digest() -> str:
     """A digest of the exporter's source, so that a changed exporter re-exports the

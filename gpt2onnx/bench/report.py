@@ -115,7 +115,8 @@ def markdown(r: dict[str, Any], targets: list[Target]) -> str:
     out = [
         f"# gpt2onnx bench ({r['config']['name']})",
         "",
-        f"{m['model']}; {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} "
+        f"{m['model']}; {m['cpu']} ({', '.join(m.get('cpu_flags') or ['flags unknown'])}), "
+        f"{m['physical_cores']} physical / {m['logical_cores']} "
         f"logical cores, {m['memory_gb']:.0f} GB; onnxruntime {m['onnxruntime']}, torch "
         f"{m['torch']}, transformers {m['transformers']}"
         + (f", optimum {m['optimum']} (transformers {m['optimum_transformers']})"

@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = args.flags.split()
     result: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "checkpoint": what, "load": os.getloadavg()[0],
+                              "cpu_flags": prepare.cpu_flags(),
                               "requests": requests, "new_tokens": new, "flags": ours}
     tree = worktree(args.baseline) if args.baseline else None
     try:

@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               for p in ("int8", "int4")}
     result: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "checkpoint": what, "load": os.getloadavg()[0],
+                              "cpu_flags": prepare.cpu_flags(),
                               "new_tokens": new, "workloads": []}
     prompt = [list(range(464, 472))]
     greedy = GenerationParams(max_new_tokens=new, stop_on_eos=False)
@@ -219,7 +220,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"Target checkpoint: {result['checkpoint']}; fused fp32 target unless the "
              "workload says int8, "
              f"{result['new_tokens']} new tokens per run (128 for pydoc-tiny), medians of "
-             f"interleaved runs. Load average at start: {result['load']:.2f}.", ""]
+             f"interleaved runs. Load average at start: {result['load']:.2f}; CPU flags: "
+             f"{', '.join(result.get('cpu_flags') or ['unknown'])}.", ""]
     for w in result["workloads"]:
         lines += [f"## {w['workload']}", "",
                   "| variant | ms/token | speed-up | identical tokens | acceptance | "
