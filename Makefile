@@ -28,7 +28,7 @@ GEN_ARGS  ?= --repetition-penalty 1.3
 PORT      ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: bench-openvino-setup setup run export generate test browser test-fast test-slow lint bench bench-core bench-speculative bench-serving bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
+.PHONY: bench-openvino-setup bench-peers bench-peers-run bench-llamacpp-setup setup run export generate test browser test-fast test-slow lint bench bench-core bench-speculative bench-serving bench-setup bench-smoke serve serve-ray tiny-model model-card kvmem clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -115,6 +115,24 @@ $(OV_STAMP):
 	touch $@
 
 bench-openvino-setup: setup $(OV_STAMP)
+
+# The other engines a CPU user would pick (issue 17), each in its own venv or build folder,
+# once, from the package registries alone: CTranslate2 (.venv-ct2, ~1 min), llama.cpp built
+# from the source llama-cpp-python's sdist vendors (.venv-llamacpp for its GGUF converter,
+# bench/.cache/peers for the build; ~9 min on 2 cores) and OpenVINO GenAI (above). After
+# it, `make bench` runs them beside ours; `make bench-peers-run` runs the shorter peers
+# preset into bench/results/peers.
+CT2_STAMP := .venv-ct2/.installed
+$(CT2_STAMP):
+	tools/peers/setup_ct2.sh $(PYTHON)
+
+bench-llamacpp-setup:
+	PYTHON=$(PYTHON) tools/peers/setup_llamacpp.sh
+
+bench-peers: bench-setup $(OV_STAMP) $(CT2_STAMP) bench-llamacpp-setup
+
+bench-peers-run: bench-peers
+	$(BIN)/python -m gpt2onnx.bench --peers
 
 # The full bench (gpt2 architecture, every variant; ~20-30 min on 2 cores), then the
 # one-step core's (sampled vs greedy, scoring vs transformers; ~10 min), speculative

@@ -20,14 +20,16 @@ from typing import Any
 
 from gpt2onnx.bench import measurements as ms
 from gpt2onnx.bench import prepare
-from gpt2onnx.bench.config import FULL, SMOKE, BenchConfig
+from gpt2onnx.bench.config import FULL, PEERS, SAMPLING, SMOKE, BenchConfig
 from gpt2onnx.bench.report import compute_targets, markdown
 from gpt2onnx.bench.variants import (
     ALL_VARIANTS,
     CUDA_VARIANTS,
     GENAI_VENV,
+    KIND_CT2,
     KIND_GENAI,
     KIND_LLAMACPP,
+    KIND_OPENVINO,
     KIND_OPTIMUM,
     KIND_OURS,
     TORCH_KINDS,
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "\n")[0])
     p.add_argument("--smoke", action="store_true",
                    help="tiny model, few tokens, no optimum: the CI mode (under a minute)")
+    p.add_argument("--peers", action="store_true",
+                   help="the peers preset (every engine, fewer positions and passes) into "
+                        "bench/results/peers")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default bench/results, bench/results/smoke with "
                         "--smoke)")
@@ -155,6 +160,21 @@ def build_targets(chosen: list[Variant], ckpt: Path, cache: Path, clock: Clock
             # gen_ids does the work; its worker needs only the stdlib: this interpreter.
             folder = gguf_files(cache, ckpt)[v.precision]
             targets.append(ms.Target(v, sys.executable, str(folder)))
+        elif v.kind in (KIND_CT2, KIND_OPENVINO):
+            # Converted in the peer's own venv (its converter's transformers, not ours).
+            assert v.venv is not None
+            python = prepare.peer_python(v.venv)
+            assert python is not None
+            clock.log(f"{v.name}: convert the checkpoint")
+            if v.kind == KIND_CT2:
+                from gpt2onnx.bench.peer_ct2 import ct2_folder
+
+                folder = ct2_folder(cache, ckpt, v.precision, python)
+            else:
+                from gpt2onnx.bench.peer_openvino import openvino_folder
+
+                folder = openvino_folder(cache, ckpt, v.precision, python)
+            targets.append(ms.Target(v, str(python), str(folder)))
     return targets
 
 
@@ -177,10 +197,11 @@ def variant_facts(t: ms.Target, cfg: BenchConfig, arch: dict[str, int]) -> dict[
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = SMOKE if args.smoke else FULL
+    cfg = SMOKE if args.smoke else PEERS if args.peers else FULL
     if args.runs:
         cfg = cfg.with_(runs=args.runs, uncached_runs=min(cfg.uncached_runs, args.runs))
-    out: Path = args.out or prepare.REPO / "bench" / "results" / ("smoke" if args.smoke else "")
+    out: Path = args.out or prepare.REPO / "bench" / "results" / (
+        "smoke" if args.smoke else "peers" if args.peers else "")
     out.mkdir(parents=True, exist_ok=True)
     cache: Path = args.cache
     cache.mkdir(parents=True, exist_ok=True)
@@ -228,6 +249,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         clock.log("decode latency, batch 1")
         decode = ms.measure_decode(workers, prompt, cfg, clock.log)
+        sampled: dict[str, Any] = {}
+        if cfg.sampled_runs:
+            clock.log(f"decode latency, batch 1, sampled {SAMPLING}")
+            sampled = ms.measure_decode(workers, prompt, cfg, clock.log, sampled=True)
+        prefill: dict[str, Any] = {}
+        if cfg.prefill_tokens:
+            clock.log(f"prefill of a {cfg.prefill_tokens}-token prompt")
+            prefill = ms.measure_prefill(workers, prompt, cfg, clock.log)
         clock.log("latency by context position")
         positions = ms.measure_positions(workers, prompt, cfg, clock.log)
         clock.log("fused vs standard fp32, paired by context position")
@@ -252,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       "worker": infos.get(t.variant.name, {})}
                      for t in targets},
         "decode": decode, "agree_with_torch": ms.tokens_agree(decode, "torch-cached"),
+        "decode_sampled": sampled, "sampling": SAMPLING, "prefill_long": prefill,
         "positions": positions, "layouts": layouts, "batch": batch, "cold": cold,
         "floor": {p: f.to_dict() for p, f in floors.items()},
         "kvmem": kv_table(["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], [1, 4, 16, 32],

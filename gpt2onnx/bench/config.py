@@ -32,6 +32,10 @@ class BenchConfig:
         cold_runs: fresh processes per variant for cold start and peak RSS.
         cold_new_tokens: tokens a cold-start process generates before it reports peak RSS.
         floor_runs: timed GEMV runs per precision.
+        sampled_runs: timed batch-1 decode runs sampling (``SAMPLING``) per variant whose
+            engine samples; 0 skips them.
+        prefill_tokens: prompt length of the long-prefill measurement (0 skips it).
+        prefill_runs: timed long prefills per variant.
     """
 
     name: str
@@ -52,6 +56,9 @@ class BenchConfig:
     cold_runs: int = 2
     cold_new_tokens: int = 16
     floor_runs: int = 30
+    sampled_runs: int = 3
+    prefill_tokens: int = 512
+    prefill_runs: int = 3
 
     def with_(self, **changes: object) -> BenchConfig:
         return replace(self, **changes)
@@ -63,4 +70,11 @@ SMOKE = BenchConfig(
     name="smoke", arch=dict(TINY), prompt_tokens=8, new_tokens=8, runs=2, uncached_runs=1,
     positions=(16, 64, 100), position_window=4, position_runs=1, layout_positions=(16, 100),
     layout_window=4, layout_runs=2, batches=(1, 4),
-    batch_new_tokens=4, batch_runs=1, cold_runs=1, cold_new_tokens=2, floor_runs=3)
+    batch_new_tokens=4, batch_runs=1, cold_runs=1, cold_new_tokens=2, floor_runs=3,
+    sampled_runs=1, prefill_tokens=64, prefill_runs=1)
+# Every engine at its own best, in less time than FULL: what `make bench-peers` runs into
+# bench/results/peers (no fused/standard pairs; three context positions; batch 1 and 16).
+PEERS = FULL.with_(name="peers", runs=3, positions=(16, 256, 1000), position_runs=1,
+                   layout_positions=(), batches=(1, 16), batch_runs=2, cold_runs=2)
+# What "sampled" means in every engine: the settings a chat or completion user runs.
+SAMPLING = {"temperature": 0.8, "top_p": 0.95, "seed": 0}

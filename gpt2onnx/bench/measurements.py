@@ -111,27 +111,50 @@ def _rotate(items: list[Any], k: int) -> list[Any]:
 
 
 def measure_decode(workers: dict[str, Worker], prompt: list[int], cfg: BenchConfig,
-                   log: Log) -> dict[str, Any]:
-    """Batch-1 prefill and per-token decode latency, interleaved, after one warm-up each."""
+                   log: Log, sampled: bool = False) -> dict[str, Any]:
+    """Batch-1 prefill and per-token decode latency, interleaved, after one warm-up each.
+    ``sampled``: the engines that sample do so with ``config.SAMPLING`` (the others are
+    left out), ``cfg.sampled_runs`` times."""
+    if sampled:
+        workers = {n: w for n, w in workers.items() if w.info.get("samples")}
+    how = {"sampled": True} if sampled else {}
     for name, w in workers.items():
         log(f"  warm-up {name}")
-        w.call(op="decode", prompt=prompt, new_tokens=min(8, cfg.new_tokens), batch=1)
+        w.call(op="decode", prompt=prompt, new_tokens=min(8, cfg.new_tokens), batch=1, **how)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in workers}
-    for r in range(cfg.runs):
+    n_runs = cfg.sampled_runs if sampled else cfg.runs
+    for r in range(n_runs):
         for name in _rotate(list(workers), r):
             if (workers[name].target.variant.kind == KIND_TORCH_UNCACHED
                     and r >= cfg.uncached_runs):
                 continue
             out = workers[name].call(op="decode", prompt=prompt, new_tokens=cfg.new_tokens,
-                                     batch=1)
+                                     batch=1, **how)
             out["load_average"] = os.getloadavg()[0]  # how busy the machine was meanwhile
             runs[name].append(out)
-            log(f"  run {r + 1}/{cfg.runs} {name}: "
+            log(f"  run {r + 1}/{n_runs} {name}{' sampled' if sampled else ''}: "
                 f"{statistics.median(out['step_ms']):.2f} ms/token")
     result = {}
     for name, rs in runs.items():
         result[name] = {**summarize(rs), "runs": rs}
     return result
+
+
+def measure_prefill(workers: dict[str, Worker], prompt: list[int], cfg: BenchConfig,
+                    log: Log) -> dict[str, dict[str, Any]]:
+    """Prefill of a ``cfg.prefill_tokens``-token prompt (to its first token), batch 1,
+    interleaved; the medians of ``cfg.prefill_runs``."""
+    names = [n for n, w in workers.items() if w.target.variant.kind != KIND_TORCH_UNCACHED]
+    text = (prompt * (cfg.prefill_tokens // len(prompt) + 1))[:cfg.prefill_tokens]
+    got: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(cfg.prefill_runs):
+        for name in _rotate(names, r):
+            out = workers[name].call(op="decode", prompt=text, new_tokens=2, batch=1)
+            got[name].append(out["prefill_ms"])
+            log(f"  prefill {len(text)} tokens {name}: {out['prefill_ms']:.1f} ms")
+    return {n: {"prefill_ms": statistics.median(v), "tokens": len(text),
+                "tokens_per_s": len(text) * 1e3 / statistics.median(v), "runs": v}
+            for n, v in got.items() if v}
 
 
 def measure_positions(workers: dict[str, Worker], prompt: list[int], cfg: BenchConfig,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PLOTS = ("latency_vs_position.png", "tokens_per_s_vs_batch.png", "ms_per_token_vs_floor.png")
+PLOTS = ("latency_vs_position.png", "tokens_per_s_vs_batch.png", "ms_per_token_vs_floor.png",
+         "engines_by_measure.png")
 
 
 def _plt() -> Any:
@@ -93,9 +94,46 @@ def ms_vs_floor(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def engines_by_measure(r: dict[str, Any], path: Path) -> None:
+    """One panel per measure (batch-1 greedy and sampled, batch 16, long prefill, cold
+    start, peak RSS), a bar per variant, ours and the peers alike."""
+    plt = _plt()
+    panels = [
+        ("batch 1 greedy, tokens/s", {n: 1e3 / d["ms_per_token"]
+                                      for n, d in r["decode"].items()}),
+        ("batch 1 sampled, tokens/s", {n: 1e3 / d["ms_per_token"]
+                                       for n, d in (r.get("decode_sampled") or {}).items()}),
+        ("batch 16, tokens/s", {n: v["16"] for n, v in r["batch"].items() if "16" in v}),
+        ("prefill (long prompt), ms", {n: d["prefill_ms"]
+                                       for n, d in (r.get("prefill_long") or {}).items()}),
+        ("cold start to first token, s", {n: d["first_token_s"] for n, d in r["cold"].items()}),
+        ("peak RSS, MB", {n: d["peak_rss_mb"] for n, d in r["cold"].items()}),
+    ]
+    names = [n for n in r["variants"] if n != "torch-uncached"]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), sharey=True)
+    for ax, (title, values) in zip(axes.flat, panels, strict=True):
+        ys = range(len(names))
+        ax.barh(list(ys), [values.get(n, 0) for n in names],
+                color=[_color(r, n) for n in names])
+        for y, n in zip(ys, names, strict=True):
+            if n in values:
+                ax.text(values[n], y, f" {values[n]:.3g}", va="center", fontsize=6)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[0][0].set_yticks(list(range(len(names))), [r["variants"][n]["label"] for n in names],
+                          fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"Every engine, every measure ({_header(r)})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(r: dict[str, Any], out: Path) -> list[Path]:
     paths = [out / p for p in PLOTS]
     latency_vs_position(r, paths[0])
     tokens_vs_batch(r, paths[1])
     ms_vs_floor(r, paths[2])
+    engines_by_measure(r, paths[3])
     return paths

@@ -100,6 +100,58 @@ def compute_targets(r: dict[str, Any]) -> list[Target]:
     for name in QUANT_FLOOR:
         t.append(Target(4, f"fused fp32 ms/token / {name} ms/token (batch 1)",
                         _ratio(f32, ms(name)), 3.0, ">="))
+    t += peer_targets(r)
+    return t
+
+
+# The engines issue 17 holds us against (onnxruntime-genai, CTranslate2, OpenVINO GenAI,
+# llama.cpp): every kind that is neither ours nor PyTorch/transformers/optimum.
+NOT_PEERS = ("ours", "torch-uncached", "torch-cached", "hf-generate", "optimum")
+
+
+def peer_targets(r: dict[str, Any]) -> list[Target]:
+    """Issue 17, at each precision: ours against the best peer of that precision."""
+    dec, bat, cold = r["decode"], r["batch"], r["cold"]
+    smp, long = r.get("decode_sampled") or {}, r.get("prefill_long") or {}
+    t: list[Target] = []
+    for precision in ("fp32", "int8", "int4"):
+        ours = f"ours-fused-{precision}"
+        peers = [n for n, v in r["variants"].items()
+                 if v["kind"] not in NOT_PEERS and v.get("precision") == precision]
+        if ours not in r["variants"] or not peers:
+            continue
+
+        def best(table: dict[str, Any], key: str, lowest: bool = True,
+                 names: list[str] = peers) -> tuple[str | None, float | None]:
+            got = [(table[n][key], n) for n in names if n in table and key in table[n]]
+            if not got:
+                return None, None
+            v, n = min(got) if lowest else max(got)
+            return n, v
+
+        for table, what in ((dec, "greedy"), (smp, "sampled")):
+            name, v = best(table, "ms_per_token")
+            mine = table.get(ours, {}).get("ms_per_token")
+            if name and mine:
+                t.append(Target(17, f"{precision} batch-1 {what} tokens/s, ours / the best "
+                                "peer's", v / mine, 1.15, ">=", name))
+        b16 = {n: {"tps": v["16"]} for n, v in bat.items() if "16" in v}
+        name, v = best(b16, "tps", lowest=False)
+        if name and ours in b16:
+            t.append(Target(17, f"{precision} batch-16 tokens/s, ours / the best peer's",
+                            b16[ours]["tps"] / v, 1.0, ">=", name))
+        name, v = best(long, "prefill_ms")
+        if name and ours in long:
+            t.append(Target(17, f"{precision} prefill time, ours / the best peer's",
+                            long[ours]["prefill_ms"] / v, 1.0, "<=", name))
+        name, v = best(cold, "first_token_s")
+        if name and ours in cold:
+            t.append(Target(17, f"{precision} cold start to first token, ours / the best "
+                            "peer's", cold[ours]["first_token_s"] / v, 1.0, "<=", name))
+        name, v = best(cold, "peak_rss_mb")
+        if name and ours in cold:
+            t.append(Target(17, f"{precision} peak RSS, ours / the best peer's",
+                            cold[ours]["peak_rss_mb"] / v, 1.1, "<=", name))
     return t
 
 
@@ -149,6 +201,25 @@ def markdown(r: dict[str, Any], targets: list[Target]) -> str:
             f"{_f(_ratio(d['ms_per_token'], ref), '{:.3f}')} | "
             f"{_f(fms, '{:.2f}')} | {_f(_ratio(d['ms_per_token'], fms), '{:.2f}')} | "
             f"{agree.get(n, '-')}/{n_new} |")
+    sampled, long = r.get("decode_sampled") or {}, r.get("prefill_long") or {}
+    if sampled or long:
+        sp = r.get("sampling", {})
+        n_long = next(iter(long.values()), {}).get("tokens", "-")
+        out += ["", f"Batch-1 decode sampled (temperature {sp.get('temperature')}, top-p "
+                f"{sp.get('top_p')}, seeded; engines that sample) against greedy, and the "
+                f"prefill of a {n_long}-token prompt to its first token:", "",
+                "| variant | greedy ms/token | sampled ms/token | sampled / greedy "
+                f"| prefill {n_long} ms | prefill tokens/s |", "|---|---:|---:|---:|---:|---:|"]
+        for n in names:
+            if n not in sampled and n not in long:
+                continue
+            g = dec.get(n, {}).get("ms_per_token")
+            smp = sampled.get(n, {}).get("ms_per_token")
+            lp = long.get(n, {})
+            out.append(f"| {r['variants'][n]['label']} | {_f(g, '{:.2f}')} | "
+                       f"{_f(smp, '{:.2f}')} | {_f(_ratio(smp, g), '{:.2f}')} | "
+                       f"{_f(lp.get('prefill_ms'), '{:.1f}')} | "
+                       f"{_f(lp.get('tokens_per_s'), '{:.0f}')} |")
     if pos:
         cols = sorted({int(p) for v in pos.values() for p in v})
         out += ["", "Per-token latency (ms) by context position (tokens already in context; "

@@ -21,9 +21,18 @@ KIND_HF_GENERATE = "hf-generate"
 KIND_OPTIMUM = "optimum"
 KIND_GENAI = "genai"
 KIND_OURS = "ours"
+# llama.cpp (peer_llamacpp.py): our gen_ids over libllama, on GGUF files.
+KIND_LLAMACPP = "llamacpp"
+# CTranslate2 (peer_ct2.py) and OpenVINO GenAI (peer_openvino.py), each in its own venv.
+KIND_CT2 = "ct2"
+KIND_OPENVINO = "openvino"
 # Peers that run in their own venvs (``make bench-setup`` builds them), by folder name.
 OPTIMUM_VENV = ".venv-optimum"
 GENAI_VENV = ".venv-genai"
+# Only the GGUF converter runs there; the llama.cpp worker is this interpreter (stdlib).
+LLAMACPP_VENV = ".venv-llamacpp"
+CT2_VENV = ".venv-ct2"  # tools/peers/setup_ct2.sh
+OPENVINO_VENV = ".venv-openvino"  # make bench-openvino-setup
 TORCH_KINDS = (KIND_TORCH_UNCACHED, KIND_TORCH_CACHED, KIND_HF_GENERATE)
 
 
@@ -64,6 +73,20 @@ ALL_VARIANTS: tuple[Variant, ...] = (
     _ours("fused", "fp32"),
     _ours("fused", "int8"),
     _ours("fused", "int4"),
+    # llama.cpp built from the source llama-cpp-python's sdist vendors (GGML_NATIVE=ON),
+    # GGUF f32 and its llama-quantize q8_0 / q4_0; tools/peers/setup_llamacpp.sh.
+    *(Variant(f"llamacpp-{gguf}", KIND_LLAMACPP, f"llama.cpp GGUF {gguf}",
+              precision=precision, venv=LLAMACPP_VENV)
+      for gguf, precision in (("f32", "fp32"), ("q8_0", "int8"), ("q4_0", "int4"))),
+    # CTranslate2's Generator on ct2-transformers-converter's folders (fp32, int8 weights),
+    # each precision on its faster GEMM backend on this CPU (peer_ct2.USE_MKL).
+    *(Variant(f"ct2-{precision}", KIND_CT2, f"CTranslate2 {precision}",
+              precision=precision, venv=CT2_VENV) for precision in ("fp32", "int8")),
+    # OpenVINO GenAI's pipeline on optimum-intel IRs; fp32 asks for f32 compute and cache
+    # (the CPU plugin's default here is bf16 / f16), int8 and int4 run at its defaults.
+    *(Variant(f"openvino-{precision}", KIND_OPENVINO, f"OpenVINO GenAI {precision}",
+              precision=precision, venv=OPENVINO_VENV)
+      for precision in ("fp32", "int8", "int4")),
 )
 # On CUDA the fused graph takes fp16 or int4 (GroupQueryAttention's CUDA kernel is fp16).
 CUDA_VARIANTS: tuple[Variant, ...] = (_ours("fused", "fp16", "cuda"),
@@ -86,8 +109,11 @@ class Engine:
     ``_position_ms_from_prefill``."""
 
     threads: int | None = None
+    # Whether ``decode(..., sampled=True)`` samples with ``config.SAMPLING``.
+    samples = False
 
-    def decode(self, prompt: list[int], new_tokens: int, batch: int) -> DecodeRun:
+    def decode(self, prompt: list[int], new_tokens: int, batch: int,
+               sampled: bool = False) -> DecodeRun:
         raise NotImplementedError
 
     def position_ms(self, prompt: list[int], positions: list[int], window: int
@@ -128,10 +154,15 @@ class OursEngine(Engine):
         opts = self.model.session.get_session_options()
         self.threads = opts.intra_op_num_threads or None
 
-    def decode(self, prompt: list[int], new_tokens: int, batch: int) -> DecodeRun:
+    samples = True
+
+    def decode(self, prompt: list[int], new_tokens: int, batch: int,
+               sampled: bool = False) -> DecodeRun:
+        from gpt2onnx.bench.config import SAMPLING
         from gpt2onnx.runtime import GenerationParams
 
-        params = GenerationParams(max_new_tokens=new_tokens, stop_on_eos=False)
+        params = GenerationParams(max_new_tokens=new_tokens, stop_on_eos=False,
+                                  **(SAMPLING if sampled else {}))
         gen = self.model.generator([prompt] * batch, params)
         t0 = time.perf_counter()
         gen.generate_next_token()  # prefill
@@ -262,16 +293,26 @@ class GenerateEngine(Engine):
         self.optimum = optimum
         self.threads = torch.get_num_threads()
 
-    def decode(self, prompt: list[int], new_tokens: int, batch: int) -> DecodeRun:
+    samples = True
+
+    def decode(self, prompt: list[int], new_tokens: int, batch: int,
+               sampled: bool = False) -> DecodeRun:
+        from gpt2onnx.bench.config import SAMPLING
+
         torch = self.torch
         ids = torch.tensor([prompt] * batch)
         clock = _StepClock()
+        how: dict[str, Any] = {"do_sample": False}
+        if sampled:
+            torch.manual_seed(SAMPLING["seed"])
+            how = {"do_sample": True, "temperature": SAMPLING["temperature"],
+                   "top_p": SAMPLING["top_p"], "top_k": 0}
         with torch.inference_mode():
             t0 = time.perf_counter()
             # min_new_tokens keeps a random-weight model from stopping early at EOS.
             self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False, streamer=clock, pad_token_id=0)
+                                streamer=clock, pad_token_id=0, **how)
         stamps = clock.stamps  # [prompt, token 1 (after the prefill), token 2, ...]
         steps = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps[1:])]
         return DecodeRun((stamps[1] - t0) * 1e3, steps, clock.tokens)
@@ -302,13 +343,22 @@ class GenaiEngine(Engine):
         self.og = og
         self.model = og.Model(folder)
 
-    def decode(self, prompt: list[int], new_tokens: int, batch: int) -> DecodeRun:
+    samples = True
+
+    def decode(self, prompt: list[int], new_tokens: int, batch: int,
+               sampled: bool = False) -> DecodeRun:
         import numpy as np
+
+        from gpt2onnx.bench.config import SAMPLING
 
         og = self.og
         params = og.GeneratorParams(self.model)
+        how: dict[str, Any] = {"do_sample": False}
+        if sampled:
+            how = {"do_sample": True, "temperature": SAMPLING["temperature"],
+                   "top_p": SAMPLING["top_p"], "top_k": 0, "random_seed": SAMPLING["seed"]}
         params.set_search_options(max_length=len(prompt) + new_tokens, min_length=0,
-                                  do_sample=False, batch_size=batch)
+                                  batch_size=batch, **how)
         gen = og.Generator(self.model, params)
         t0 = time.perf_counter()
         gen.append_tokens(np.array([prompt] * batch, dtype=np.int32))  # runs the prompt
@@ -345,4 +395,16 @@ def make_engine(spec: dict[str, Any]) -> Engine:
         return GenerateEngine(folder, optimum=kind == KIND_OPTIMUM)
     if kind == KIND_GENAI:
         return GenaiEngine(folder)
+    if kind == KIND_LLAMACPP:
+        from gpt2onnx.bench.peer_llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(folder, spec.get("threads"))
+    if kind == KIND_CT2:
+        from gpt2onnx.bench.peer_ct2 import Ct2Engine
+
+        return Ct2Engine(folder, spec.get("threads"))
+    if kind == KIND_OPENVINO:
+        from gpt2onnx.bench.peer_openvino import OpenvinoEngine
+
+        return OpenvinoEngine(folder)
     raise ValueError(f"unknown variant kind {kind!r}")

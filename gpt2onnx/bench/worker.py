@@ -47,15 +47,17 @@ def serve(spec: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     engine = make_engine(spec)
     reply.write(json.dumps({"ok": True, "load_s": time.perf_counter() - t0,
-                            "info": engine.info()}) + "\n")
+                            "info": {**engine.info(), "samples": engine.samples}}) + "\n")
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
         if op == "quit":
             break
         if op == "decode":
+            # Only engines that sample are asked to (``Engine.samples``).
+            extra = {"sampled": True} if cmd.get("sampled") else {}
             out: dict[str, Any] = asdict(engine.decode(cmd["prompt"], cmd["new_tokens"],
-                                                       cmd.get("batch", 1)))
+                                                       cmd.get("batch", 1), **extra))
         elif op == "positions":
             ms = engine.position_ms(cmd["prompt"], cmd["positions"], cmd["window"])
             out = {"position_ms": {str(k): v for k, v in ms.items()}}
@@ -76,8 +78,12 @@ def cold(spec: dict[str, Any], t0: float, prompt: list[int], new_tokens: int) ->
     engine.decode(prompt, 1, 1)
     first_token_s = time.time() - t0
     engine.decode(prompt, new_tokens, 1)
+    # An engine that runs its model in a child process (llama.cpp's gen_ids) holds its
+    # memory there: add the largest finished child's peak (0 for the others).
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e6
     reply.write(json.dumps({"first_token_s": first_token_s,
-                            "peak_rss_mb": _peak_rss_mb()}) + "\n")
+                            "peak_rss_mb": _peak_rss_mb() + children,
+                            "children_peak_rss_mb": children}) + "\n")
 
 
 def main(argv: list[str]) -> int:

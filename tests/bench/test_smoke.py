@@ -55,15 +55,25 @@ def test_json_has_every_measurement(smoke: Path) -> None:
         v["ratio_median"] for v in layouts.values())  # no position past 256 in smoke
     # fp32 graphs compute the PyTorch model: greedy tokens agree from the first one.
     assert r["agree_with_torch"]["ours-fused-fp32"] >= 1
+    # Sampled decode (the engines that sample) and the long prefill (every cached one).
+    assert {"hf-generate", "ours-fused-fp32", "ours-fused-int8"} <= set(r["decode_sampled"])
+    assert "torch-cached" not in r["decode_sampled"]  # its greedy loop does not sample
+    for name, d in r["decode_sampled"].items():
+        assert d["ms_per_token"] > 0, name
+        assert len(d["runs"][0]["tokens"]) == r["config"]["new_tokens"], name
+    assert set(r["prefill_long"]) == expected - {"torch-uncached"}
+    for name, d in r["prefill_long"].items():
+        assert d["tokens"] == r["config"]["prefill_tokens"] and d["prefill_ms"] > 0, name
+    assert r["meta"]["cpu_flags"] is not None
 
 
 def test_markdown_and_plots(smoke: Path) -> None:
     md = (smoke / "latest.md").read_text()
     for heading in ("ms/token (median)", "Per-token latency", "Fused against standard fp32, paired",
-                    "tokens/s (all rows)",
+                    "tokens/s (all rows)", "Batch-1 decode sampled",
                     "Cold start", "Weight-streaming floor", "Targets", "KV cache memory"):
         assert heading in md, heading
     for png in ("latency_vs_position.png", "tokens_per_s_vs_batch.png",
-                "ms_per_token_vs_floor.png"):
+                "ms_per_token_vs_floor.png", "engines_by_measure.png"):
         data = (smoke / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
