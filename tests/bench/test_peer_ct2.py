@@ -4,17 +4,15 @@ the bench's worker protocol; the int8 folder converts and decodes."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gpt2onnx.bench import prepare
-from gpt2onnx.bench.measurements import worker_env
 from gpt2onnx.bench.peer_ct2 import MARKER, ct2_folder
 from gpt2onnx.bench.variants import CT2_VENV, KIND_CT2, TorchLoopEngine
+from tests.bench.helpers import decode, worker_replies
 
 PYTHON = prepare.peer_python(CT2_VENV)
 requires_ct2 = pytest.mark.skipif(PYTHON is None,
@@ -27,18 +25,9 @@ def run_worker(folder: Path, batches: tuple[int, ...], sampled: int = 0
     """The bench worker in .venv-ct2: its ready line, then one decode per batch size,
     then ``sampled`` seeded sampled decodes at batch 1."""
     assert PYTHON is not None
-    spec = json.dumps({"kind": KIND_CT2, "folder": str(folder)})
-    commands = "".join(json.dumps(c) + "\n" for c in (
-        *({"op": "decode", "prompt": PROMPT, "new_tokens": NEW, "batch": b}
-          for b in batches),
-        *({"op": "decode", "prompt": PROMPT, "new_tokens": NEW, "batch": 1, "sampled": True}
-          for _ in range(sampled)), {"op": "quit"}))
-    done = subprocess.run([str(PYTHON), "-m", "gpt2onnx.bench.worker", spec],
-                          input=commands, capture_output=True, text=True, timeout=300,
-                          env=worker_env())
-    # Exit status too: a Generator left to the interpreter's teardown aborts the process.
-    assert done.returncode == 0, done.stderr[-2000:]
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    return worker_replies(PYTHON, KIND_CT2, folder,
+                          [*(decode(PROMPT, NEW, b) for b in batches),
+                           *(decode(PROMPT, NEW, sampled=True) for _ in range(sampled))])
 
 
 @requires_ct2

@@ -4,17 +4,15 @@ through the bench's worker protocol, at the f32 precision hints it reports."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gpt2onnx.bench import prepare
-from gpt2onnx.bench.measurements import worker_env
 from gpt2onnx.bench.peer_openvino import MARKER, openvino_folder
 from gpt2onnx.bench.variants import KIND_OPENVINO, OPENVINO_VENV, TorchLoopEngine
+from tests.bench.helpers import decode, worker_replies
 
 PYTHON = prepare.peer_python(OPENVINO_VENV)
 PROMPT, NEW = [464, 2068, 7586, 21831, 18045, 625], 12
@@ -26,19 +24,10 @@ def test_openvino_fp32_greedy_is_transformers(make_checkpoint: Any, tmp_path: Pa
     ckpt = make_checkpoint(seed=5)
     folder = openvino_folder(tmp_path, ckpt, "fp32", PYTHON)
     assert (folder / MARKER).exists()
-    spec = json.dumps({"kind": KIND_OPENVINO, "folder": str(folder)})
-    commands = "".join(json.dumps(c) + "\n" for c in (
-        {"op": "decode", "prompt": PROMPT, "new_tokens": NEW, "batch": 1},
-        {"op": "decode", "prompt": PROMPT, "new_tokens": NEW, "batch": 2},
-        {"op": "decode", "prompt": PROMPT, "new_tokens": NEW, "batch": 1, "sampled": True},
-        {"op": "decode", "prompt": PROMPT, "new_tokens": NEW, "batch": 1, "sampled": True},
-        {"op": "quit"}))
-    done = subprocess.run([str(PYTHON), "-m", "gpt2onnx.bench.worker", spec],
-                          input=commands, capture_output=True, text=True, timeout=300,
-                          env=worker_env())
-    assert done.returncode == 0, done.stderr[-2000:]
-    ready, alone, batched, sampled, again = (json.loads(line)
-                                             for line in done.stdout.splitlines())
+    ready, alone, batched, sampled, again = worker_replies(
+        PYTHON, KIND_OPENVINO, folder,
+        [decode(PROMPT, NEW), decode(PROMPT, NEW, 2), decode(PROMPT, NEW, sampled=True),
+         decode(PROMPT, NEW, sampled=True)])
     # Seeded sampling: the same tokens twice, a full run of them.
     assert ready["info"]["samples"] and sampled["tokens"] == again["tokens"]
     assert len(sampled["tokens"]) == NEW
