@@ -44,6 +44,20 @@ NEXT_TOKEN = "next_token"
 LOGITS_INDEX = "logits_index"
 
 
+# Fused layout, optional second graph (``Manifest.mixed_graph_file``): the same weights and
+# nodes, but every attention runs in two lanes over one concatenated token axis, so that
+# one-token rows (lane 1: ``seqlens_k``, ``past_key_values.*``) and a prompt chunk (lane 2:
+# the ``chunk.``-prefixed IO) share a single pass over the weights. ``input_ids``,
+# ``position_ids`` and ``logits_index`` are then [1, tokens]: lane 1's rows first.
+MIXED_GRAPH_FILE = "model_mixed.onnx"
+CHUNK_PREFIX = "chunk."
+
+
+def chunk_name(name: str) -> str:
+    """Lane 2's name for a lane-1 input or output (``chunk.seqlens_k``, ...)."""
+    return CHUNK_PREFIX + name
+
+
 def past_name(layer: int, kind: str) -> str:
     """``past_key_values.{layer}.key`` / ``.value``."""
     return f"past_key_values.{layer}.{kind}"
@@ -109,6 +123,28 @@ def fused_io(n_layer: int, n_head: int, head_dim: int, vocab: int, cache_dtype: 
     return inputs, outputs
 
 
+def mixed_io(n_layer: int, n_head: int, head_dim: int, vocab: int, cache_dtype: str
+             ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """IO of the mixed graph: the fused IO with every token on one axis of a batch of 1,
+    plus lane 2's lengths and cache views."""
+    inputs, outputs = fused_io(n_layer, n_head, head_dim, vocab, cache_dtype)
+    inputs[:2] = [TensorSpec(INPUT_IDS, "int64", (1, "tokens")),
+                  TensorSpec(POSITION_IDS, "int64", (1, "tokens"))]
+    inputs[2] = TensorSpec(SEQLENS_K, "int32", ("rows",))
+    inputs[4] = TensorSpec(LOGITS_INDEX, "int64", (1, "kept"))
+    outputs[:2] = [TensorSpec(LOGITS, outputs[0].dtype, (1, "kept", vocab)),
+                   TensorSpec(NEXT_TOKEN, "int64", (1, "kept"))]
+    cache_in = [s for s in inputs if s.name.startswith("past_key_values.")]
+    cache_out = [s for s in outputs if s.name.startswith("present.")]
+    inputs += [TensorSpec(chunk_name(SEQLENS_K), "int32", ("chunk_rows",)),
+               TensorSpec(chunk_name(TOTAL_SEQUENCE_LENGTH), "int32", ())]
+    inputs += [TensorSpec(chunk_name(s.name), s.dtype, ("chunk_rows", *s.shape[1:]))
+               for s in cache_in]
+    outputs += [TensorSpec(chunk_name(s.name), s.dtype, ("chunk_rows", *s.shape[1:]))
+                for s in cache_out]
+    return inputs, outputs
+
+
 def cache_dtype_logits(cache_dtype: str) -> str:
     # Logits always leave the graph in fp32: sampling and log-probs need the precision.
     del cache_dtype
@@ -143,6 +179,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # Fused layout: the cache's sequence capacity (<= context_length).
     max_length: int | None = None
+    # Fused layout, optional: the same graph with two attention lanes (MIXED_GRAPH_FILE),
+    # for engines that run decode rows and prompt chunks in one run.
+    mixed_graph_file: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -101,6 +101,9 @@ class Schema:
             raise self.fail(name, "a relative path inside the folder (no '..', not absolute)")
         return value
 
+    def optional_path(self, name: str) -> str | None:
+        return None if self.data.get(name) is None else self.path(name, "")
+
     def files(self, name: str = "files") -> dict[str, str]:
         value = self.data.get(name)
         if not isinstance(value, dict) or not 1 <= len(value) <= MAX_FILES:
@@ -177,6 +180,9 @@ def parse_manifest(data: object, where: str, fix: str = REEXPORT, hashed: bool =
         opset=s.integer("opset", 1, 1000, default=Manifest.opset),
         source=s.text("source"), exporter_version=s.text("exporter_version"),
         format_version=version, max_length=max_length,
+        # The mixed graph came with format 2's logits_index; other folders have none.
+        mixed_graph_file=(s.optional_path("mixed_graph_file")
+                          if layout == LAYOUT_FUSED and version >= 2 else None),
     )
 
 

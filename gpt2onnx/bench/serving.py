@@ -197,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                               "requests": requests, "new_tokens": new, "flags": ours}
     tree = worktree(args.baseline) if args.baseline else None
     try:
-        variants = {"this engine": (prepare.REPO, ours)}
+        variants = {"this engine": (prepare.REPO, ours),
+                    # The same engine without the mixed graph: chunks and decode tokens
+                    # in separate model runs (what it did before model_mixed.onnx).
+                    "separate runs": (prepare.REPO, [*ours, "--no-mixed-runs"])}
         if tree is not None:
             variants[f"engine at {args.baseline}"] = (tree, [])
         only = set(args.only.split(","))

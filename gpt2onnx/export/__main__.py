@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "vocab_size")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the comparison with the PyTorch model")
+    p.add_argument("--no-mixed-graph", action="store_true",
+                   help="fused CPU folders: do not write model_mixed.onnx (the serving "
+                        "engine then runs prompt chunks and decode rows as separate runs)")
     return p.parse_args(argv)
 
 
@@ -53,7 +56,7 @@ def _main(argv: list[str] | None) -> int:
     quiet_transformers()
     opts = ExportOptions(layout=args.layout, precision=args.precision, provider=args.provider,
                          max_length=args.max_length, validate=not args.no_validate,
-                         tokenizer=args.tokenizer)
+                         tokenizer=args.tokenizer, mixed_graph=not args.no_mixed_graph)
     export_model(args.source, args.out_dir, opts)
     print(f"wrote {args.out_dir} ({args.layout}, {args.precision})")
     return 0

@@ -14,6 +14,7 @@ from gpt2onnx.contract import (
     LAYOUT_FUSED,
     LAYOUT_STANDARD,
     LAYOUTS,
+    MIXED_GRAPH_FILE,
     PRECISIONS,
     REPORT_FILE,
     Manifest,
@@ -42,6 +43,9 @@ class ExportOptions:
         max_length: the fused cache's capacity in tokens (default: the model's n_positions).
         validate: compare with the PyTorch model; a miss fails the export.
         tokenizer: where to take the tokenizer from (default: SOURCE).
+        mixed_graph: with a CPU fused folder, also write the mixed graph (the serving
+            engine runs decode rows and prompt chunks in one run with it); the weights
+            then live once in model.onnx.data, shared by both graphs.
     """
 
     layout: str = DEFAULT_LAYOUT
@@ -50,6 +54,7 @@ class ExportOptions:
     max_length: int | None = None
     validate: bool = True
     tokenizer: str | None = None
+    mixed_graph: bool = True
 
     def check(self, spec: ModelSpec | None = None) -> None:
         if self.layout not in LAYOUTS:
@@ -116,6 +121,20 @@ def _build(spec: ModelSpec, weights: Any, opts: ExportOptions, max_length: int) 
     return graph
 
 
+def _mixed_maker(manifest: Manifest, opts: ExportOptions) -> Any:
+    """For CPU fused folders, what makes the mixed graph (decode rows and a prompt chunk
+    in one run; see graph_mixed.py), recorded in the manifest. On CUDA it is not written:
+    no GPU was at hand to check its in-place lanes."""
+    if opts.layout != LAYOUT_FUSED or opts.provider != "cpu" or not opts.mixed_graph:
+        return None
+    from gpt2onnx.export.graph_mixed import mixed_graph
+
+    manifest.mixed_graph_file = MIXED_GRAPH_FILE
+    m = manifest
+    return lambda model: mixed_graph(model, m.n_layer, m.n_head, m.head_dim, m.vocab_size,
+                                     m.cache_dtype)
+
+
 def cache_dtype(opts: ExportOptions) -> str:
     """fp16 graphs and CUDA int4 graphs (fp16 activations) keep an fp16 cache."""
     half = opts.precision == "fp16" or (opts.precision == "int4" and opts.provider == "cuda")
@@ -158,7 +177,8 @@ def export_model(source: str | Path, out_dir: str | Path,
 
         with destination.staging_folder(out) as tmp:
             progress.stage("saving")
-            files = mf.save_graph(graph, tmp) + mf.save_tokenizer(tokenizer, tmp)
+            files = mf.save_graph(graph, tmp, _mixed_maker(manifest, opts))
+            files += mf.save_tokenizer(tokenizer, tmp)
             del graph
             files += _save_generation_config(torch_model, tmp)
             files += _save_genai_config(manifest, tmp)

@@ -164,7 +164,7 @@ def remove_leftovers(out: Path) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -179,7 +179,7 @@ def staging_folder(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / STAGING_MARKER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
-        tmp.chmod(0o777 & ~_umask())
+        tmp.chmod(0o777 & ~current_umask())
         yield tmp
     finally:
         if tmp.exists():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from gpt2onnx.contract import GRAPH_FILE, TOKENIZER_FILE, sha256_file
+from gpt2onnx.contract import GRAPH_FILE, MIXED_GRAPH_FILE, TOKENIZER_FILE, sha256_file
 from gpt2onnx.errors import ModelFolderError
+from gpt2onnx.export.destination import current_umask
 
 # protobuf cannot serialize a message over 2 GB: bigger graphs (gpt2-xl) keep their
 # weights in one external data file next to the graph.
@@ -18,17 +20,28 @@ TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.
                    "vocab.json", "merges.txt")
 
 
-def save_graph(model: onnx.ModelProto, folder: Path) -> list[str]:
-    """Save the graph (external data past 2 GB); return the files written."""
+def save_graph(model: onnx.ModelProto, folder: Path,
+               mixed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> list[str]:
+    """Save the graph (external data past 2 GB, or when a second graph shares the
+    weights); return the files written. ``mixed`` makes the mixed graph from the saved
+    one, whose initializers are then references into the one data file."""
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     path = folder / GRAPH_FILE
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE,
-                        size_threshold=1024)
-        return [GRAPH_FILE, EXTERNAL_DATA_FILE]
-    onnx.save_model(model, str(path))
-    return [GRAPH_FILE]
+    if size <= EXTERNAL_DATA_THRESHOLD and mixed is None:
+        onnx.save_model(model, str(path))
+        return [GRAPH_FILE]
+    # Saving moves every big initializer's bytes into the data file and leaves a
+    # reference in ``model`` (onnx clears raw_data), so the mixed graph copies references.
+    onnx.save_model(model, str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE,
+                    size_threshold=1024)
+    files = [GRAPH_FILE, EXTERNAL_DATA_FILE]
+    # onnx creates the data file owner-only; it gets the modes of the folder's other files.
+    (folder / EXTERNAL_DATA_FILE).chmod(0o666 & ~current_umask())
+    if mixed is not None:
+        onnx.save_model(mixed(model), str(folder / MIXED_GRAPH_FILE))
+        files.append(MIXED_GRAPH_FILE)
+    return files
 
 
 def save_tokenizer(tokenizer: Any, folder: Path) -> list[str]:

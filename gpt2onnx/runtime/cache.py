@@ -231,6 +231,33 @@ def _check_rewind(slot: int, length: int, lengths: np.ndarray, batch_size: int) 
                                     f"got {length}.")
 
 
+def prompt_groups(appends: Sequence[Append], prompts: list[int]) -> list[list[int]]:
+    """Prompts into empty slots (indices into ``appends``) in groups that can share one
+    right-padded run: adjacent slots, each needing one position's logits (a run returns
+    [rows, max keep, vocab], so one scoring row would inflate every other row)."""
+    order = sorted(prompts, key=lambda k: appends[k].slot)
+    groups: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while (end < len(order) and appends[order[end]].slot == appends[order[end - 1]].slot + 1
+               and appends[order[end]].keep <= 1 and appends[order[start]].keep <= 1):
+            end += 1
+        groups.append(order[start:end])
+        start = end
+    return groups
+
+
+def trailing_index(lens: np.ndarray, keeps: Sequence[int], kept: int) -> np.ndarray:
+    """[rows, kept] positions of each row's trailing ``keep`` tokens (rows of ``lens``
+    tokens); a row keeping fewer repeats its last one."""
+    index = np.zeros((len(keeps), kept), np.int64)
+    for i, keep in enumerate(keeps):
+        index[i] = np.minimum(np.arange(lens[i] - keep, lens[i] - keep + kept),
+                              lens[i] - 1).clip(0)
+    return index
+
+
 class FusedCache:
     """Fused layout: one [batch, n_head, max_length, head_dim] buffer per past/present
     pair, allocated once and updated in place by GroupQueryAttention. Each row (slot)
@@ -390,18 +417,8 @@ class FusedCache:
         # Lengths move only after every run: one-token runs see the slots as they were.
         if singles:
             self._run_singles([appends[k] for k in singles], singles, logits, argmax, fetch)
-        order = sorted(prompts, key=lambda k: appends[k].slot)
-        start = 0
-        while start < len(order):  # adjacent empty slots share one right-padded run
-            end = start + 1
-            # Rows share a run only when each needs one position's logits: a run returns
-            # [rows, max keep, vocab], so one scoring row would inflate every other row.
-            while (end < len(order) and appends[order[end]].slot == appends[order[end - 1]].slot + 1
-                   and appends[order[end]].keep <= 1 and appends[order[start]].keep <= 1):
-                end += 1
-            group = order[start:end]
+        for group in prompt_groups(appends, prompts):
             self._run_many([appends[k] for k in group], group, logits, argmax, fetch, past=0)
-            start = end
         for k in continued:
             self._run_many([appends[k]], [k], logits, argmax, fetch,
                            past=int(self.lengths[appends[k].slot]))
@@ -504,12 +521,9 @@ class FusedCache:
         width = int(lens.max())
         kept = max(1, max(a.keep for a in appends))
         ids = np.zeros((n, width), np.int64)
-        index = np.zeros((n, kept), np.int64)
         for i, a in enumerate(appends):
             ids[i, :lens[i]] = a.tokens
-            # The trailing ``keep`` positions; short rows repeat their last one.
-            index[i] = np.minimum(np.arange(lens[i] - a.keep, lens[i] - a.keep + kept),
-                                  lens[i] - 1).clip(0)
+        index = trailing_index(lens, [a.keep for a in appends], kept)
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, ids)
         binding.bind_cpu_input(POSITION_IDS, (past + np.arange(width, dtype=np.int64))

@@ -30,6 +30,7 @@ from gpt2onnx.contract import (
     Manifest,
     cache_names,
     graph_props,
+    mixed_io,
     read_small_json,
     sha256_file,
 )
@@ -75,8 +76,8 @@ def open_manifest(folder: str | Path, verify: bool | str = True) -> Manifest:
     if (path / MANIFEST_FILE).exists() or (path / MANIFEST_FILE).is_symlink():
         manifest = Manifest.load(path)
         where = path / MANIFEST_FILE
-        for rel in (manifest.graph_file, manifest.tokenizer_file):
-            if rel not in manifest.files:
+        for rel in (manifest.graph_file, manifest.tokenizer_file, manifest.mixed_graph_file):
+            if rel is not None and rel not in manifest.files:
                 raise ModelFolderError(f"{where} lists no hash for {rel}; re-export the folder.")
         # Every path is confined to the folder before any file is opened or hashed, so a
         # manifest cannot make the runtime read (or reveal the existence of) other files.
@@ -196,8 +197,9 @@ def _manifest_from_optimum(path: Path) -> Manifest:
 def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
                  threads: int | None = None, cuda_graph: bool = False,
                  profile: bool = False, spinning: bool | str | None = None,
-                 target_check: bool = True) -> ort.InferenceSession:
+                 target_check: bool = True, mixed: bool = False) -> ort.InferenceSession:
     """An InferenceSession for the folder's graph on one provider, checked against the manifest.
+    ``mixed``: its mixed graph instead (``Manifest.mixed_graph_file``, CPU only).
 
     Raises:
         ProviderUnavailableError: ``provider`` unknown or not in this onnxruntime build.
@@ -228,13 +230,24 @@ def make_session(folder: str | Path, manifest: Manifest, provider: str = "cpu",
         if cuda_graph:
             provider_options["enable_cuda_graph"] = "1"
     graph = Path(folder) / manifest.graph_file
+    expected = manifest.inputs, manifest.outputs
+    if mixed:
+        if manifest.mixed_graph_file is None or provider != "cpu":
+            raise InvalidParameterError(
+                "mixed", f"mixed runs need a CPU fused folder with a mixed graph; "
+                f"{folder} has {manifest.mixed_graph_file or 'none'} (provider {provider}): "
+                "re-export it with this version of gpt2onnx, or load it with mixed=False.")
+        graph = Path(folder) / manifest.mixed_graph_file
+        ins, outs = mixed_io(manifest.n_layer, manifest.n_head, manifest.head_dim,
+                             manifest.vocab_size, manifest.cache_dtype)
+        expected = [t.name for t in ins], [t.name for t in outs]
     _fix_mmap_threshold()
     try:
         session = ort.InferenceSession(str(graph), sess_options=opts,
                                        providers=[(PROVIDERS[provider], provider_options)])
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ModelFolderError(f"onnxruntime cannot load {graph}: {exc}") from exc
-    _check_io(graph, manifest, session)
+    _check_io(graph, manifest, session, *expected)
     _check_shapes(graph, manifest, session, probe=not cuda_graph)
     return session
 
@@ -396,15 +409,16 @@ def session_options(threads: int | None = None, spinning: bool | str | None = No
     return opts
 
 
-def _check_io(graph: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
+def _check_io(graph: Path, manifest: Manifest, session: ort.InferenceSession,
+              inputs: list[str], outputs: list[str]) -> None:
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
     if manifest.source.startswith("optimum") and POSITION_IDS not in got_in:
         # Older optimum exports of gpt2 derive positions from the mask inside the graph.
         manifest.inputs.remove(POSITION_IDS)
-    missing_in = [n for n in manifest.inputs if n not in got_in]
-    extra_in = [n for n in got_in if n not in manifest.inputs]
-    missing_out = [n for n in manifest.outputs if n not in got_out]
+    missing_in = [n for n in inputs if n not in got_in]
+    extra_in = [n for n in got_in if n not in inputs]
+    missing_out = [n for n in outputs if n not in got_out]
     if missing_in or extra_in or missing_out:
         raise ModelFolderError(
             f"{graph} does not match manifest.json: inputs missing {missing_in}, unexpected "

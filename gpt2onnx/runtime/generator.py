@@ -421,7 +421,43 @@ class Generator:
             self.timings.prefill_ms = (time.perf_counter() - t0) * 1e3
             return done
 
+    def prefill_and_decode(self, chunks: Sequence[tuple[int, int]]
+                           ) -> tuple[list[int], np.ndarray]:
+        """``prefill(chunks)`` and a plain decode step for every decoding row in one cache
+        step: with a mixed cache (``Model(mixed=True)``), one model run, a single pass over
+        the weights instead of two. No row speculates in it. Returns (the slots whose
+        prompt is now whole, as ``prefill``; the tokens picked, as
+        ``generate_next_token``). On failure the chunks' rows (and their copies) are
+        dropped and the decoding rows are as they were (their lengths did not move)."""
+        with self._driving():
+            t0 = time.perf_counter()
+            involved = {s for s, _ in chunks}
+            involved |= {f for f, st in self._prefilling.items() if st.leader in involved}
+            slots = np.flatnonzero(self._active)
+            try:
+                appends, plan = self._prefill_appends(chunks)
+                decode = [Append(int(s), self._last[s:s + 1]) for s in slots]
+                result = self.cache.step(appends + decode)
+            except BaseException:
+                for slot in involved:
+                    self._drop(slot)
+                raise
+            picked = self._decoded(slots, result, len(appends))
+            done = self._prefilled(plan, result)
+            elapsed = (time.perf_counter() - t0) * 1e3
+            self.timings.prefill_ms = elapsed
+            if slots.size:
+                self.timings.decode_ms_total += elapsed
+                self.timings.decode_steps += 1
+                self.timings.decode_tokens += 1
+            return done, picked
+
     def _prefill(self, chunks: Sequence[tuple[int, int]]) -> list[int]:
+        appends, plan = self._prefill_appends(chunks)
+        return self._prefilled(plan, self.cache.step(appends))
+
+    def _prefill_appends(self, chunks: Sequence[tuple[int, int]]) -> tuple[list, list]:
+        """The appends of prompt chunks, and what ``_prefilled`` needs of each."""
         appends, plan = [], []
         for slot, n in chunks:
             state = self._prefilling[slot]
@@ -438,7 +474,10 @@ class Generator:
             appends.append(Append(slot, row.prompt_ids[a:b],
                                   (b - a) if scoring else int(last)))
             plan.append((slot, row, a, b, last))
-        result = self.cache.step(appends)
+        return appends, plan
+
+    def _prefilled(self, plan: list, result: StepResult) -> list[int]:
+        """Book prompt chunks that ran (results 0 .. len(plan) - 1 of ``result``)."""
         finishing: list[tuple[int, Row, int]] = []
         for k, (slot, row, a, b, last) in enumerate(plan):
             self._prefilling[slot].computed = b
@@ -513,13 +552,7 @@ class Generator:
                     self.timings.decode_ms_total += (time.perf_counter() - t0) * 1e3
                     return picked
             result = self.cache.step([Append(int(s), self._last[s:s + 1]) for s in slots])
-            picked = np.full(len(self.rows), -1, np.int64)
-            entries = []
-            for k, s in enumerate(slots.tolist()):
-                row = self.rows[s]
-                assert row is not None
-                entries.append((s, row, k))
-            self._pick(entries, result, picked)
+            picked = self._decoded(slots, result, 0)
             elapsed = (time.perf_counter() - t0) * 1e3
             if could_draft:
                 before = self._plain_step_ms
@@ -529,6 +562,18 @@ class Generator:
             self.timings.decode_steps += 1
             self.timings.decode_tokens += 1
             return picked
+
+    def _decoded(self, slots: np.ndarray, result: StepResult, offset: int) -> np.ndarray:
+        """Pick the next token of the rows in ``slots`` from results ``offset`` on."""
+        picked = np.full(len(self.rows), -1, np.int64)
+        entries = []
+        for k, s in enumerate(slots.tolist()):
+            row = self.rows[s]
+            assert row is not None
+            entries.append((s, row, offset + k))
+        if entries:
+            self._pick(entries, result, picked)
+        return picked
 
     # -- speculative decoding ---------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from gpt2onnx.runtime.folder import (
     spin_from_env,
 )
 from gpt2onnx.runtime.generator import Generator
+from gpt2onnx.runtime.mixed_cache import MixedFusedCache
 from gpt2onnx.runtime.params import GenerationParams, check_threads
 from gpt2onnx.runtime.prefix_cache import PrefixCache
 from gpt2onnx.runtime.scoring import ScoreResult, score_ids
@@ -70,11 +71,16 @@ class Model:
         cuda_graph: on CUDA with a fused folder, replay decode steps from a CUDA graph.
         target_check: refuse a folder exported for another provider (False only for
             validation: a CUDA folder's numbers checked on the CPU kernels).
+        mixed: load the folder's mixed graph where it has one (CPU fused folders), so
+            that one model run takes one-token rows and a prompt chunk together (a
+            serving engine's steps); ``self.mixed`` says whether it did. A lone row pays
+            one dummy token per step for it, so single-stream use keeps the plain graph.
     """
 
     def __init__(self, folder: str | Path, provider: str = "cpu", threads: int | None = None,
                  verify: bool | str = True, cuda_graph: bool = False,
-                 spinning: bool | str | None = None, target_check: bool = True) -> None:
+                 spinning: bool | str | None = None, target_check: bool = True,
+                 mixed: bool = False) -> None:
         check_threads(threads)
         self.folder = Path(folder)
         self.provider = provider
@@ -92,9 +98,11 @@ class Model:
         check_tokenizer_fits(self.tokenizer, self.manifest, tok_path)
         self.spinning = spin_from_env() if spinning is None else spinning
         self._vocab_digest: str | None = None
+        self.mixed = bool(mixed and self.manifest.mixed_graph_file is not None
+                          and provider == "cpu")
         self.session: ort.InferenceSession = make_session(
             self.folder, self.manifest, provider, threads=threads, cuda_graph=cuda_graph,
-            spinning=spinning, target_check=target_check)
+            spinning=spinning, target_check=target_check, mixed=self.mixed)
         self.device = session_device(provider)
         # Fused caches of finished generators, kept for reuse (allocation and, on CUDA,
         # graph capture are not free); at most IDLE_CACHES, the most recently returned.
@@ -140,6 +148,8 @@ class Model:
                     del self._idle[i]
                     cache.reset()
                     return cache
+        if self.mixed:
+            return MixedFusedCache(self.session, self.manifest, batch_size, self.device)
         return FusedCache(self.session, self.manifest, batch_size, self.device,
                           cuda_graph=self.cuda_graph)
 

@@ -5,7 +5,7 @@
 Without HTTP, the same engine serves Python callers (sync or asyncio)::
 
     from gpt2onnx.serve import Engine
-    with Engine(lambda: Model(folder)) as engine:
+    with Engine(lambda: Model(folder, mixed=True)) as engine:
         completion = engine.complete_sync(engine.request("Hello", GenerationParams()))
 
 Imports onnxruntime, numpy, tokenizers, FastAPI and prometheus-client; never torch.

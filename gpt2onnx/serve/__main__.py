@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(measured; the chunk shrinks below --prefill-chunk to keep it): "
                         "smoother streams, slower prefill; default off (always "
                         "--prefill-chunk)")
+    p.add_argument("--no-mixed-runs", action="store_true",
+                   help="run prompt chunks and decode tokens as separate model runs even when "
+                        "the folder has a mixed graph (model_mixed.onnx)")
     p.add_argument("--max-step-tokens", type=_int_flag("max_step_tokens"),
                    default=d.max_step_tokens,
                    help="prompt tokens run per step while no row decodes")
@@ -312,7 +315,8 @@ def _main(argv: list[str] | None) -> int:
                           prefix_block_tokens=args.prefix_block_tokens,
                           speculative=args.speculative,
                           num_draft_tokens=args.num_draft_tokens,
-                          speculative_max_batch=args.speculative_max_batch)
+                          speculative_max_batch=args.speculative_max_batch,
+                          mixed_runs=not args.no_mixed_runs)
     if args.speculative and args.speculative.startswith("draft:"):
         open_manifest(Path(args.speculative[len("draft:"):]), verify=False)
     if args.chat_template and args.chat_template not in BUILT_IN:
@@ -322,8 +326,10 @@ def _main(argv: list[str] | None) -> int:
     spec = args.speculative
     spinning = speculative_spinning(
         args.spinning, spec[len("draft:"):] if spec and spec.startswith("draft:") else spec)
+    mixed = config.mixed_runs  # ``config`` is rebound to uvicorn's below
     engine = Engine(lambda: Model(args.model_dir, provider=args.provider,
-                                  threads=args.threads, spinning=spinning), config)
+                                  threads=args.threads, spinning=spinning,
+                                  mixed=mixed), config)
     name = args.served_model_name or args.model_dir.resolve().name
     hosts, any_ip = allowed_hosts(args)
     app = create_app(engine, model_name=name, api_key=args.api_key,

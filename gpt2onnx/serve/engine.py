@@ -98,6 +98,10 @@ class EngineConfig:
             ``speculative_max_batch`` rows run (on the CPU each speculating row verifies
             in a run of its own, which stops paying above a batch of one or two).
         num_draft_tokens: draft tokens checked per row and step at most, in [1, 16].
+        mixed_runs: load the folder's mixed graph where it has one (CPU fused folders
+            exported by this version), so that a step's prompt chunks and decode tokens
+            share one model run (one pass over the weights instead of two). Read by
+            whoever makes the ``Model`` (the server passes it as ``Model(mixed=...)``).
     """
 
     max_batch_size: int = 16
@@ -114,6 +118,7 @@ class EngineConfig:
     speculative: str | None = None
     num_draft_tokens: int = 8
     speculative_max_batch: int = 2
+    mixed_runs: bool = True
 
     def __post_init__(self) -> None:
         check_draft_tokens(self.num_draft_tokens)
@@ -165,7 +170,7 @@ class Engine:
 
     Python use, without HTTP::
 
-        with Engine(lambda: Model("out/gpt2")) as engine:
+        with Engine(lambda: Model("out/gpt2", mixed=True)) as engine:
             request = engine.request("Hello", GenerationParams(max_new_tokens=20))
             print(engine.complete_sync(request).choices[0].text)
             # or: async for deltas in engine.stream(request): ...
@@ -523,9 +528,9 @@ class Engine:
             self._live.append(t)
             self.scheduler.enqueue(t.seqs)
         self._admit()
-        self._prefill()
         gen = self._gen
-        if gen is not None and not gen.is_done():
+        decoded = self._prefill(with_decode=self._mixed_step())
+        if not decoded and gen is not None and not gen.is_done():
             self._decode()
         self.metrics.running_batch_size.set(len(self._slot_seq))
         return True
@@ -584,39 +589,55 @@ class Engine:
                 self._retire(t, error, "error")
         self._count_prefix()
 
-    def _prefill(self) -> None:
-        """Run this step's prompt chunks."""
+    def _mixed_step(self) -> bool:
+        """Whether this step's chunks and decode tokens share one model run: a mixed graph
+        (``Model(mixed=True)``), rows decoding, and no speculation (a drafting row
+        verifies in a run of its own)."""
+        gen = self._gen
+        return (self._continuous and gen is not None and gen.model.mixed
+                and gen.drafter is None and bool(self.scheduler.running))
+
+    def _prefill(self, with_decode: bool = False) -> bool:
+        """Run this step's prompt chunks; ``with_decode``: in the same run as the decode
+        step. Returns whether the decode step ran."""
         gen, sched = self._gen, self.scheduler
         if gen is None or not sched.prefilling:
-            return
+            return False
         if self._continuous:
             for seq in sched.prefilling:  # a copy whose original left prefills on its own
                 assert seq.slot is not None
                 seq.left = gen.prompt_left(seq.slot)
         plan = sched.plan(self._stall.tokens() if self._stall is not None else None)
         if not plan.chunks:
-            return
+            return False
         left = sum(s.left for s, _ in plan.chunks)
         hits = self._prefix.stats.hits if self._prefix is not None else 0
+        decoding = list(sched.running) if with_decode else []
         try:
             if self._continuous:
                 t0 = time.perf_counter()
-                done = gen.prefill([(s.slot, n) for s, n in plan.chunks])
+                chunks = [(s.slot, n) for s, n in plan.chunks]
+                if with_decode:
+                    done, _ = gen.prefill_and_decode(chunks)
+                else:
+                    done = gen.prefill(chunks)
                 took = time.perf_counter() - t0
             else:
                 gen.generate_next_token()  # the batch's first run: every prompt
                 done = [s.slot for s in sched.prefilling]
         except Exception as exc:
             # Requests were validated at submit: what fails here is the model run. Only the
-            # requests with rows in the failed chunks fail; decoding rows are untouched.
-            log.exception("prefill failed for %d row(s)", len(plan.chunks))
+            # requests with rows in the failed run fail: the chunks' rows, and the decoding
+            # rows when they shared it; other rows are untouched.
+            log.exception("prefill failed for %d row(s)", len(plan.chunks) + len(decoding))
             error = ModelRunError(f"the model run failed: {exc}")
             hit = {s.owner for s in sched.prefilling
                    if s.slot is not None and (not self._continuous or gen.rows[s.slot] is None)}
+            hit |= {s.owner for s in decoding}
             for t in hit:
                 assert isinstance(t, Ticket)
                 self._retire(t, error, "error")
-            return
+            return with_decode
         sched.ran(plan)
         # Tokens that ran: what the chunks took off the prompts, less blocks a row found
         # stored only now (prefilled by a row of the same burst).
@@ -628,18 +649,23 @@ class Engine:
         m = self.metrics
         ran = left - after - hits
         if self._stall is not None and self._continuous and ran > 0 and plan.decode_rows:
-            self._stall.chunk(ran, took)
+            # A shared run's chunk costs what it added to the decode step.
+            d = self._stall.decode_s or 0.0
+            self._stall.chunk(ran, max(took - d, 0.0) if with_decode else took)
         m.prefill_chunks.inc(len(plan.chunks))
         m.prompt_tokens.inc(ran)
         m.step_tokens.observe(ran + plan.decode_rows)
         m.step_budget_used.observe(min(1.0, (ran + plan.decode_rows) / plan.budget))
-        owners: dict[Ticket, None] = {}
+        if with_decode:
+            m.mixed_runs.inc()
+        owners: dict[Ticket, None] = {s.owner: None for s in decoding}  # type: ignore[misc]
         for slot in done:
             seq = self._slot_seq[slot]
             sched.started(seq)
             owners[seq.owner] = None  # type: ignore[index]
         for t in owners:
             self._emit(t)
+        return with_decode
 
     def _decode(self) -> None:
         gen = self._gen

@@ -65,6 +65,9 @@ class ServeMetrics:
         # caching (hit rate = hit tokens / queried tokens; hit tokens were not prefilled).
         self.prefill_chunks = Counter("gpt2onnx_prefill_chunks",
                                       "Prompt chunks run (one per row and step)", registry=r)
+        self.mixed_runs = Counter("gpt2onnx_mixed_runs",
+                                  "Steps whose prompt chunks and decode tokens shared one "
+                                  "model run (the mixed graph)", registry=r)
         self.step_tokens = Histogram("gpt2onnx_step_tokens",
                                      "Tokens a step with prompt chunks ran (prompt + decode)",
                                      buckets=STEP_TOKEN_BUCKETS, registry=r)

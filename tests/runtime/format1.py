@@ -18,7 +18,9 @@ def write_format1_folder(checkpoint: Path, folder: Path) -> Path:
     """Export ``checkpoint`` twice: ``folder.parent / 'v2'`` as today, ``folder`` in format 1."""
     v2 = folder.parent / "v2"
     export_model(checkpoint, v2, ExportOptions(layout="fused", validate=False))
-    export_model(checkpoint, folder, ExportOptions(layout="fused", validate=False))
+    # Format-1 folders predate the mixed graph.
+    export_model(checkpoint, folder, ExportOptions(layout="fused", validate=False,
+                                                   mixed_graph=False))
     graph_path = folder / "model.onnx"
     model = onnx.load(str(graph_path))
     g = model.graph

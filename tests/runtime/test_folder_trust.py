@@ -231,7 +231,7 @@ def test_onnxruntime_refuses_external_data_outside_the_folder(standard: Path,
     from onnx.external_data_helper import set_external_data
 
     graph = standard / "model.onnx"
-    model = onnx.load(str(graph))
+    model = onnx.load(str(graph), load_external_data=False)  # weights stay in the data file
     tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
     (tmp_path / "weights.bin").write_bytes(tensor.raw_data)
     set_external_data(tensor, location="../weights.bin", length=len(tensor.raw_data))
@@ -257,7 +257,7 @@ def _set_graph_props(folder: Path, props: dict[str, str] | None) -> None:
     import onnx
 
     graph = folder / "model.onnx"
-    model = onnx.load(str(graph))
+    model = onnx.load(str(graph), load_external_data=False)  # weights stay in the data file
     kept = [p for p in model.metadata_props if not p.key.startswith("gpt2onnx.")]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

@@ -37,11 +37,13 @@ def greedy_text(ref_model: Model) -> Callable[..., str]:
 @pytest.fixture
 def make_engine(tiny_fused: Path) -> Iterator[Callable[..., Engine]]:
     """make_engine(folder=tiny_fused, **EngineConfig fields) -> a started, ready engine
-    (stopped at the end of the test)."""
+    (stopped at the end of the test), its model loaded as the server does (the mixed
+    graph unless ``mixed_runs=False``)."""
     made: list[Engine] = []
 
     def make(folder: Path = tiny_fused, **config: Any) -> Engine:
-        engine = Engine(lambda: Model(folder), EngineConfig(**config))
+        settings = EngineConfig(**config)
+        engine = Engine(lambda: Model(folder, mixed=settings.mixed_runs), settings)
         made.append(engine)
         assert engine.start().wait_ready(timeout=60)
         return engine
@@ -53,7 +55,7 @@ def make_engine(tiny_fused: Path) -> Iterator[Callable[..., Engine]]:
 
 @pytest.fixture(scope="module")
 def module_engine(tiny_fused: Path) -> Iterator[Engine]:
-    engine = Engine(lambda: Model(tiny_fused), EngineConfig(max_batch_size=8))
+    engine = Engine(lambda: Model(tiny_fused, mixed=True), EngineConfig(max_batch_size=8))
     assert engine.start().wait_ready(timeout=60)
     yield engine
     engine.stop(drain_timeout=0)

@@ -43,9 +43,10 @@ def counter(engine: Engine, name: str) -> float:
 @pytest.mark.parametrize("config", [
     dict(prefill_chunk=4, prefix_block_tokens=4),  # small chunks, prefix cache on
     dict(prefill_chunk=4, prefix_cache_mb=0),  # chunks only
+    dict(prefill_chunk=4, prefix_block_tokens=4, mixed_runs=False),  # separate runs
     dict(prefill_chunk=4096, max_step_tokens=4096, prefix_block_tokens=8),  # prefix only
     dict(prefill_chunk=4096, max_step_tokens=4096, prefix_cache_mb=0),  # neither
-], ids=["chunks+prefix", "chunks", "prefix", "neither"])
+], ids=["chunks+prefix", "chunks", "chunks+prefix, separate runs", "prefix", "neither"])
 def test_greedy_is_unchanged_by_chunking_and_prefix_caching_alone_and_in_a_full_batch(
         make_engine: Callable[..., Engine], greedy_text: Callable[..., str],
         config: dict[str, Any]) -> None:
@@ -80,12 +81,17 @@ def test_prefix_hits_are_counted_and_save_prefill(make_engine: Callable[..., Eng
         assert name in text
 
 
+@pytest.mark.parametrize("mixed", [True, False], ids=["one run", "separate runs"])
 def test_a_long_prompt_is_chunked_between_decode_steps(make_engine: Callable[..., Engine],
                                                        monkeypatch: pytest.MonkeyPatch,
-                                                       greedy_text: Callable[..., str]) -> None:
-    engine = make_engine(max_batch_size=2, prefill_chunk=8, prefix_cache_mb=0)
+                                                       greedy_text: Callable[..., str],
+                                                       mixed: bool) -> None:
+    engine = make_engine(max_batch_size=2, prefill_chunk=8, prefix_cache_mb=0,
+                         mixed_runs=mixed)
+    assert engine.model.mixed is mixed
     calls: list[tuple[str, int]] = []
     prefill, step = Generator.prefill, Generator.generate_next_token
+    both = Generator.prefill_and_decode
 
     def spy_prefill(self: Generator, chunks: Any) -> list[int]:
         calls.append(("prefill", sum(n for _, n in chunks)))
@@ -95,8 +101,14 @@ def test_a_long_prompt_is_chunked_between_decode_steps(make_engine: Callable[...
         calls.append(("step", 0))
         return step(self)
 
+    def spy_both(self: Generator, chunks: Any) -> Any:
+        calls.append(("step", 0))  # the decode step runs in the same model run
+        calls.append(("prefill", sum(n for _, n in chunks)))
+        return both(self, chunks)
+
     monkeypatch.setattr(Generator, "prefill", spy_prefill)
     monkeypatch.setattr(Generator, "generate_next_token", spy_step)
+    monkeypatch.setattr(Generator, "prefill_and_decode", spy_both)
     params = GenerationParams(max_new_tokens=40, **GREEDY)
     runner = engine.stream_sync(engine.request("Keep going", params))
     next(runner)  # decoding now
@@ -114,6 +126,8 @@ def test_a_long_prompt_is_chunked_between_decode_steps(make_engine: Callable[...
     assert long.choices[0].text == greedy_text(long_prompt, 3, **GREEDY)
     assert text  # the running row kept streaming
     assert counter(engine, "prefill_chunks") >= n // 8
+    # With the mixed graph every chunk shared its step's run with the running row.
+    assert (counter(engine, "mixed_runs") >= n // 8) is mixed
 
 
 def test_a_request_with_more_rows_than_slots_is_queued_row_by_row(
@@ -182,13 +196,16 @@ def test_queue_limits_count_rows_and_tokens(make_engine: Callable[..., Engine],
         engine.stream_sync(too_many)
 
 
-def test_a_failed_prefill_fails_only_its_request(make_engine: Callable[..., Engine],
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 greedy_text: Callable[..., str]) -> None:
-    engine = make_engine(max_batch_size=4, prefill_chunk=4)
+@pytest.mark.parametrize("mixed", [False, True], ids=["separate runs", "one run"])
+def test_a_failed_prefill_fails_only_the_requests_in_its_run(
+        make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch,
+        greedy_text: Callable[..., str], mixed: bool) -> None:
+    engine = make_engine(max_batch_size=4, prefill_chunk=4, mixed_runs=mixed)
     from gpt2onnx.runtime.cache import FusedCache
+    from gpt2onnx.runtime.mixed_cache import MixedFusedCache
 
-    original = FusedCache.step
+    kind = MixedFusedCache if mixed else FusedCache
+    original = kind.step
     doomed = engine.model.encode("This prompt breaks the model run")
 
     def flaky(self: FusedCache, appends: Any) -> Any:
@@ -196,7 +213,7 @@ def test_a_failed_prefill_fails_only_its_request(make_engine: Callable[..., Engi
             raise RuntimeError("injected prefill fault")
         return original(self, appends)
 
-    monkeypatch.setattr(FusedCache, "step", flaky)
+    monkeypatch.setattr(kind, "step", flaky)
     params = GenerationParams(max_new_tokens=30, **GREEDY)
     good = engine.stream_sync(engine.request("A healthy request", params))
     next(good)
@@ -204,10 +221,20 @@ def test_a_failed_prefill_fails_only_its_request(make_engine: Callable[..., Engi
     with pytest.raises(ModelRunError, match="injected prefill fault"):
         for _ in bad:
             pass
-    text = "".join(d.text for deltas in good for d in deltas)
-    assert text.endswith(greedy_text("A healthy request", 30, **GREEDY)[-10:])
-    assert engine.metrics.requests.labels("error")._value.get() == 1
-    assert engine.metrics.requests.labels("success")._value.get() == 1
+    if mixed:
+        # The decoding row shared the failed run, so its request failed with it.
+        with pytest.raises(ModelRunError, match="injected prefill fault"):
+            for _ in good:
+                pass
+        assert engine.metrics.requests.labels("error")._value.get() == 2
+    else:
+        text = "".join(d.text for deltas in good for d in deltas)
+        assert text.endswith(greedy_text("A healthy request", 30, **GREEDY)[-10:])
+        assert engine.metrics.requests.labels("error")._value.get() == 1
+        assert engine.metrics.requests.labels("success")._value.get() == 1
+    # The engine serves on: a new request gets exactly its greedy text.
+    again = engine.complete_sync(engine.request("A healthy request", params))
+    assert again.choices[0].text == greedy_text("A healthy request", 30, **GREEDY)
 
 
 def test_a_failed_admission_fails_only_its_request(make_engine: Callable[..., Engine],

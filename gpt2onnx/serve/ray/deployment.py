@@ -90,7 +90,8 @@ class EngineReplica:
         sys.setswitchinterval(0.001)
         self.replica_id: str = serve.get_replica_context().replica_id.unique_id
         self.engine = Engine(lambda: Model(config.model_dir, provider=config.provider,
-                                           threads=config.threads), config.engine)
+                                           threads=config.threads,
+                                           mixed=config.engine.mixed_runs), config.engine)
         self.engine.start().wait_ready()  # re-raises a load failure
         self.http_app: FastAPI = create_app(
             self.engine, model_name=config.model_name, api_key=config.api_key,
