@@ -224,22 +224,33 @@ def test_standard_layout_runs_one_request_at_a_time(
         assert [c.text for c in completion.choices] == [expected, expected]
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["separate runs", "mixed graph"])
 def test_warm_up_runs_one_row_and_every_slot_then_frees_them(
         make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch,
-        greedy_text: Callable[..., str]) -> None:
+        greedy_text: Callable[..., str], mixed: bool) -> None:
     """The warm-up sizes onnxruntime's arena for a full-batch prefill (a first burst of
     clients would otherwise pay for it) and leaves no slot or cached token behind."""
     from gpt2onnx.runtime.cache import FusedCache
+    from gpt2onnx.runtime.mixed_cache import MixedFusedCache
 
     rows: list[int] = []
     run_many = FusedCache._run_many  # the run that puts prompts into empty slots
+    run_mixed = MixedFusedCache._run  # the mixed graph's: lane 2 holds the prompts
 
     def spy(self: FusedCache, appends: list, *args: Any, **kwargs: Any) -> None:
         rows.append(len(appends))
         return run_many(self, appends, *args, **kwargs)
 
+    def spy_mixed(self: MixedFusedCache, appends: list, lane: Any, group: Any,
+                  *args: Any) -> None:
+        if group is not None and any(len(appends[k].tokens) > 1 for k in group):
+            rows.append(len(group))
+        return run_mixed(self, appends, lane, group, *args)
+
     monkeypatch.setattr(FusedCache, "_run_many", spy)
-    engine = make_engine(max_batch_size=4)
+    monkeypatch.setattr(MixedFusedCache, "_run", spy_mixed)
+    engine = make_engine(max_batch_size=4, mixed_runs=mixed)
+    assert engine.model.mixed is mixed
     assert rows == [1, 4]  # prefill runs of one row and of every slot, none copied
     stats = engine.stats()
     assert (stats.free_slots, stats.running, stats.waiting) == (4, 0, 0)
