@@ -9,6 +9,9 @@ generator's own request code (``gpt2onnx.loadtest``), on the same cores, streami
   3. one 900-token prompt arriving while 15 rows decode: each running row's time per
      output token and its largest gap between tokens, against the medians.
 Writes serving.md and serving.json into --out (default bench/results).
+``--variant-flags NAME=FLAGS`` adds a variant of our engine with those server flags, and
+``--baseline-flags=FLAGS`` the ``--baseline`` engine with those (``=`` because FLAGS
+starts with ``--``), e.g. ``--only distinct --variant-flags "chunk64=--prefill-chunk 64"``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import httpx
 
 from gpt2onnx.bench import prepare
 from gpt2onnx.bench.config import GPT2, TINY
+from gpt2onnx.cli import Parser
 from gpt2onnx.loadtest import DEFAULT_PROMPT, RequestResult, one_request, summarize
 
 
@@ -170,17 +174,33 @@ def worktree(ref: str) -> Path:
     return tree
 
 
+def _variant(text: str) -> tuple[str, list[str]]:
+    """--variant-flags NAME=FLAGS: a named variant of our engine with those server flags."""
+    name, eq, flags = text.partition("=")
+    if not eq or not name.strip() or not flags.split():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=FLAGS; write e.g. \"chunk64=--prefill-chunk 64\"")
+    return name.strip(), flags.split()
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gpt2onnx.bench.serving", description=__doc__)
+    p = Parser(prog="python -m gpt2onnx.bench.serving", description=__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny model, few requests")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cache", type=Path, default=prepare.REPO / "bench" / ".cache")
     p.add_argument("--baseline", default=None, help="git ref of the engine to compare with")
     p.add_argument("--runs", type=int, default=None)
     p.add_argument("--flags", default="", help="extra server flags for our engine")
+    p.add_argument("--baseline-flags", default=None,
+                   help="also run the --baseline engine with these server flags")
+    p.add_argument("--variant-flags", action="append", default=[], type=_variant,
+                   help="NAME=FLAGS: one more variant of our engine (repeatable)")
     p.add_argument("--only", default="distinct,shared,long",
                    help="workloads to run (comma-separated)")
     args = p.parse_args(argv)
+    if args.baseline_flags is not None and args.baseline is None:
+        p.error(f"--baseline-flags={args.baseline_flags} needs --baseline GITREF: the engine "
+                "those flags are for")
     arch = TINY if args.smoke else GPT2
     out = args.out or prepare.REPO / "bench" / "results" / ("smoke" if args.smoke else "")
     out.mkdir(parents=True, exist_ok=True)
@@ -201,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                     # The same engine without the mixed graph: chunks and decode tokens
                     # in separate model runs (what it did before model_mixed.onnx).
                     "separate runs": (prepare.REPO, [*ours, "--no-mixed-runs"])}
+        for name, flags in args.variant_flags:
+            variants[name] = (prepare.REPO, [*ours, *flags])
         if tree is not None:
             variants[f"engine at {args.baseline}"] = (tree, [])
+            if args.baseline_flags is not None:
+                variants[f"engine at {args.baseline} {args.baseline_flags}"] = (
+                    tree, args.baseline_flags.split())
         only = set(args.only.split(","))
         vocab = json.loads((folder / "manifest.json").read_text())["vocab_size"]
         top = min(20000, vocab)

@@ -353,21 +353,23 @@ def _fix_mmap_threshold() -> None:
 
 
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+SPIN_RUN = "run"  # spin within a run, sleep at its end (onnxruntime's force_spinning_stop)
 
 
-def spin_from_env() -> bool:
-    """GPT2ONNX_SPIN: unset means on; 1/true/yes/on or 0/false/no/off."""
+def spin_from_env() -> bool | str:
+    """GPT2ONNX_SPIN: unset means on; 1/true/yes/on, 0/false/no/off, or "run" (spin
+    within a run, sleep at its end: see ``session_options``)."""
     value = os.environ.get(SPIN_ENV)
     if value is None or value.strip().lower() in _ON:
         return True
     if value.strip().lower() in _OFF:
         return False
+    if value.strip().lower() == SPIN_RUN:
+        return SPIN_RUN
     raise InvalidParameterError(SPIN_ENV, f"{SPIN_ENV}={value!r} is not one of "
-                                f"{'/'.join(_ON)} or {'/'.join(_OFF)}; set it to 0 to turn "
-                                "intra-op spinning off, or unset it.")
+                                f"{'/'.join(_ON)}, {'/'.join(_OFF)} or {SPIN_RUN}; set it "
+                                "to 0 to turn intra-op spinning off, or unset it.")
 
-
-SPIN_RUN = "run"  # spin within a run, sleep at its end (onnxruntime's force_spinning_stop)
 
 
 def session_options(threads: int | None = None, spinning: bool | str | None = None

@@ -26,7 +26,8 @@ from gpt2onnx.runtime.params import (
 )
 
 
-def add_session_args(p: argparse.ArgumentParser) -> None:
+def add_session_args(p: argparse.ArgumentParser,
+                     spin_default: str = "spin, unless GPT2ONNX_SPIN=0") -> None:
     """--provider, --threads and --no-spin: how a CLI's Model builds its session (the
     generate and serve CLIs share them)."""
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
@@ -35,8 +36,7 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
                         "per physical core)")
     p.add_argument("--no-spin", dest="spinning", action="store_false", default=None,
                    help="idle onnxruntime threads sleep instead of busy-waiting: faster on "
-                        "a CPU shared with other busy processes (default: spin, unless "
-                        "GPT2ONNX_SPIN=0)")
+                        f"a CPU shared with other busy processes (default: {spin_default})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

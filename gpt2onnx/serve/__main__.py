@@ -19,12 +19,12 @@ from gpt2onnx.contract import LAYOUT_FUSED, Manifest
 from gpt2onnx.errors import InvalidParameterError
 from gpt2onnx.kvmem import human, kv_cache_bytes
 from gpt2onnx.runtime.folder import open_manifest
-from gpt2onnx.runtime.generate import add_session_args, speculative_spinning
+from gpt2onnx.runtime.generate import add_session_args
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.runtime.params import MAX_DRAFT_TOKENS
 from gpt2onnx.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, create_app
 from gpt2onnx.serve.chat import BUILT_IN, check_template_file
-from gpt2onnx.serve.engine import Engine, EngineConfig
+from gpt2onnx.serve.engine import Engine, EngineConfig, server_spinning
 from gpt2onnx.serve.security import default_allowed_hosts
 from gpt2onnx.serve.server import Server, fit_connection_limit, guarded_protocol
 
@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=_int_flag("port"), default=8000)
-    add_session_args(p)
+    add_session_args(p, spin_default="spin, unless GPT2ONNX_SPIN=0; with a draft model, "
+                     "spin within runs only")
     p.add_argument("--max-batch-size", type=_int_flag("max_batch_size"), default=d.max_batch_size,
                    help="cache slots: rows decoded together")
     p.add_argument("--max-queue", type=_int_flag("max_queue"), default=d.max_queue,
@@ -324,8 +325,7 @@ def _main(argv: list[str] | None) -> int:
     check_cache_fits(manifest, args.max_batch_size, args.provider)
     check_bind(args.host, args.port)  # last: the others cost nothing to fix first
     spec = args.speculative
-    spinning = speculative_spinning(
-        args.spinning, spec[len("draft:"):] if spec and spec.startswith("draft:") else spec)
+    spinning = server_spinning(args.spinning, spec)
     mixed = config.mixed_runs  # ``config`` is rebound to uvicorn's below
     engine = Engine(lambda: Model(args.model_dir, provider=args.provider,
                                   threads=args.threads, spinning=spinning,

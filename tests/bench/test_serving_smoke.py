@@ -22,3 +22,32 @@ def test_serving_bench_smoke(tmp_path) -> None:
     assert long["long_ok"] and long["rows_ok"] == 15
     text = (tmp_path / "results" / "serving.md").read_text()
     assert "| prefix cache on |" in text and "A 900-token prompt" in text
+
+
+@pytest.mark.parametrize("bad", ["chunk64", "=--prefill-chunk 64", "chunk64=", "x= "])
+def test_a_bad_variant_is_one_line_and_exit_2(bad: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from gpt2onnx.bench.serving import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--variant-flags", bad, "--out", "/nonexistent/never-made"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and repr(bad) in err and "NAME=FLAGS" in err, err
+
+
+def test_variant_flags_parse() -> None:
+    from gpt2onnx.bench.serving import _variant
+
+    assert _variant("chunk64=--prefill-chunk 64") == ("chunk64", ["--prefill-chunk", "64"])
+    assert _variant("a=b=c") == ("a", ["b=c"])
+
+
+def test_baseline_flags_need_a_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    from gpt2onnx.bench.serving import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--baseline-flags=--no-spin", "--out", "/nonexistent/never-made"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--baseline GITREF" in err, err

@@ -76,3 +76,13 @@ def test_speculating_clis_spin_within_runs_only() -> None:
     assert speculative_spinning(False, "some/draft/folder") is False  # --no-spin wins
     assert speculative_spinning(None, "ngram") is None  # no second model
     assert speculative_spinning(None, None) is None
+
+
+def test_spin_variable_run_spins_within_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpt2onnx.runtime.folder import spin_from_env
+
+    monkeypatch.setenv(SPIN_ENV, " Run ")
+    assert spin_from_env() == "run"
+    opts = session_options()
+    assert opts.get_session_config_entry(SPIN_KEY) == "1"
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"

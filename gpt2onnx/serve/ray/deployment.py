@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gpt2onnx.runtime.folder import open_manifest
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.serve.app import create_app
-from gpt2onnx.serve.engine import Engine
+from gpt2onnx.serve.engine import Engine, server_spinning
 from gpt2onnx.serve.ray.config import ReplicaConfig, ScalingConfig, configs_from_args
 
 DEPLOYMENT_NAME = "gpt2onnx"
@@ -91,6 +91,8 @@ class EngineReplica:
         self.replica_id: str = serve.get_replica_context().replica_id.unique_id
         self.engine = Engine(lambda: Model(config.model_dir, provider=config.provider,
                                            threads=config.threads,
+                                           spinning=server_spinning(
+                                               None, config.engine.speculative),
                                            mixed=config.engine.mixed_runs), config.engine)
         self.engine.start().wait_ready()  # re-raises a load failure
         self.http_app: FastAPI = create_app(
