@@ -21,6 +21,7 @@ from typing import Any
 from gpt2onnx.bench import measurements as ms
 from gpt2onnx.bench import prepare
 from gpt2onnx.bench.config import FULL, PEERS, SAMPLING, SMOKE, BenchConfig
+from gpt2onnx.bench.peer_llamacpp import KV_TYPE as LLAMACPP_KV_TYPE
 from gpt2onnx.bench.report import compute_targets, markdown
 from gpt2onnx.bench.variants import (
     ALL_VARIANTS,
@@ -178,6 +179,21 @@ def build_targets(chosen: list[Variant], ckpt: Path, cache: Path, clock: Clock
     return targets
 
 
+def peer_cache_bytes(kind: str, precision: str) -> int | None:
+    """Bytes per cached K or V element as each engine runs here (None: the engine picks
+    it at load, per host). llama.cpp: the ``--kv`` type gen_ids is given (f32 for the
+    f32 GGUF, its default f16 for the quantized ones); OpenVINO: f32 forced for fp32,
+    the plugin's own choice otherwise (u8 on the AVX-512 host of 2026-12-02, recorded
+    in each run's engine info); CTranslate2 keeps its cache in float32 at fp32 and int8
+    compute on the CPU; the rest (PyTorch, optimum, onnxruntime-genai on our standard
+    fp32 folder) float32."""
+    if kind == KIND_LLAMACPP:
+        return {"f32": 4, "f16": 2}[LLAMACPP_KV_TYPE[precision]]
+    if kind == KIND_OPENVINO:
+        return 4 if precision == "fp32" else None
+    return 4
+
+
 def variant_facts(t: ms.Target, cfg: BenchConfig, arch: dict[str, int]) -> dict[str, Any]:
     """Label, folder size and the KV cache a batch-1 generation holds."""
     v = t.variant
@@ -185,15 +201,16 @@ def variant_facts(t: ms.Target, cfg: BenchConfig, arch: dict[str, int]) -> dict[
     n_head, n_layer = arch["n_head"], arch["n_layer"]
     head_dim = arch["n_embd"] // n_head
     seq = cfg.prompt_tokens + cfg.cold_new_tokens
-    cache_bytes = 4
+    cache_bytes: int | None = peer_cache_bytes(v.kind, v.precision)
     if v.kind == KIND_OURS:
         manifest = json.loads((folder / "manifest.json").read_text())
         cache_bytes = 2 if manifest["cache_dtype"] == "float16" else 4
         if manifest["layout"] == "fused":
             seq = manifest["max_length"]  # preallocated at max_length
     size = prepare.folder_mb(folder, "*.safetensors" if v.kind in TORCH_KINDS else "*")
-    return {**v.to_dict(), "folder": str(folder), "folder_mb": size,
-            "kv_cache_mb": kv_cache_bytes(n_layer, n_head, head_dim, 1, seq, cache_bytes) / 1e6}
+    kv = (None if cache_bytes is None
+          else kv_cache_bytes(n_layer, n_head, head_dim, 1, seq, cache_bytes) / 1e6)
+    return {**v.to_dict(), "folder": str(folder), "folder_mb": size, "kv_cache_mb": kv}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
