@@ -201,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_flags is not None and args.baseline is None:
         p.error(f"--baseline-flags={args.baseline_flags} needs --baseline GITREF: the engine "
                 "those flags are for")
+    if args.baseline_flags is not None and not args.baseline_flags.split():
+        p.error("--baseline-flags is empty; give the server flags to try on the baseline, "
+                "e.g. --baseline-flags=--no-spin")
+    taken = {"this engine", "separate runs"}
+    for name, _ in args.variant_flags:
+        if name in taken:
+            p.error(f"--variant-flags name {name!r} is taken (by our default variants or an "
+                    "earlier --variant-flags); pick another NAME")
+        taken.add(name)
     arch = TINY if args.smoke else GPT2
     out = args.out or prepare.REPO / "bench" / "results" / ("smoke" if args.smoke else "")
     out.mkdir(parents=True, exist_ok=True)

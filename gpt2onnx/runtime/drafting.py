@@ -28,7 +28,7 @@ import numpy as np
 
 from gpt2onnx.errors import InvalidParameterError, ModelFolderError
 from gpt2onnx.runtime.cache import Append, StepResult
-from gpt2onnx.runtime.folder import SPIN_RUN
+from gpt2onnx.runtime.folder import SPIN_RUN, spin_from_env
 from gpt2onnx.runtime.sampling import RowSampler, processed_logprobs
 from gpt2onnx.runtime.speculative import inverse_cdf
 
@@ -219,6 +219,18 @@ class ModelDrafter(Drafter):
         if self.cache is not None:
             self.model._return_cache(self.cache)
             self.cache = None  # type: ignore[assignment]  # closed: propose would fail
+
+
+def target_spinning(spinning: bool | str | None, with_draft: bool) -> bool | str | None:
+    """How a target model spins: as asked (None: GPT2ONNX_SPIN, else on), except that
+    with a draft model full spinning becomes ``"run"``, so that the two sessions leave
+    the cores to each other between runs. Without a draft, None stays None (the session
+    reads the variable itself)."""
+    if not with_draft:
+        return spinning
+    if spinning is None:
+        spinning = spin_from_env()
+    return SPIN_RUN if spinning is True else spinning
 
 
 def draft_spinning(target: Model) -> bool | str:

@@ -360,16 +360,25 @@ def spin_from_env() -> bool | str:
     """GPT2ONNX_SPIN: unset means on; 1/true/yes/on, 0/false/no/off, or "run" (spin
     within a run, sleep at its end: see ``session_options``)."""
     value = os.environ.get(SPIN_ENV)
-    if value is None or value.strip().lower() in _ON:
+    if value is None:
         return True
-    if value.strip().lower() in _OFF:
-        return False
-    if value.strip().lower() == SPIN_RUN:
-        return SPIN_RUN
-    raise InvalidParameterError(SPIN_ENV, f"{SPIN_ENV}={value!r} is not one of "
-                                f"{'/'.join(_ON)}, {'/'.join(_OFF)} or {SPIN_RUN}; set it "
-                                "to 0 to turn intra-op spinning off, or unset it.")
+    return parse_spinning(value, f"{SPIN_ENV}={value!r}", SPIN_ENV,
+                          "set it to 0 to turn intra-op spinning off, or unset it")
 
+
+def parse_spinning(text: str, what: str, param: str, fix: str) -> bool | str:
+    """A spinning setting written as text (an environment variable, a Serve config
+    file's value): 1/true/yes/on, 0/false/no/off or "run"; ``what`` names it in the
+    error, ``fix`` says what to do instead."""
+    word = text.strip().lower()
+    if word in _ON:
+        return True
+    if word in _OFF:
+        return False
+    if word == SPIN_RUN:
+        return SPIN_RUN
+    raise InvalidParameterError(param, f"{what} is not one of {'/'.join(_ON)}, "
+                                f"{'/'.join(_OFF)} or {SPIN_RUN}; {fix}.")
 
 
 def session_options(threads: int | None = None, spinning: bool | str | None = None

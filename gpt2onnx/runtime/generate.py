@@ -11,8 +11,7 @@ import sys
 
 from gpt2onnx.cli import Parser, int_in, parsed_as, run_main, utf8_text
 from gpt2onnx.errors import InvalidParameterError, PromptTooLongError
-from gpt2onnx.runtime.drafting import NGRAM
-from gpt2onnx.runtime.folder import SPIN_RUN
+from gpt2onnx.runtime.drafting import NGRAM, target_spinning
 from gpt2onnx.runtime.model import Model, gen_result
 from gpt2onnx.runtime.params import (
     MAX_DRAFT_TOKENS,
@@ -109,11 +108,10 @@ def speculative_arg(speculative: str | None, draft: str | None) -> str | None:
 
 def speculative_spinning(spinning: bool | None, draft: object) -> bool | str | None:
     """With a draft model, the target's threads spin only within a run (``"run"``), so
-    that they leave the cores to the draft's between runs; --no-spin still turns spinning
-    off. Prompt lookup runs no second model: spinning stays as asked."""
-    if draft is None or draft == NGRAM or spinning is False:
-        return spinning
-    return SPIN_RUN
+    that they leave the cores to the draft's between runs; --no-spin or GPT2ONNX_SPIN=0
+    still turns spinning off. Prompt lookup runs no second model: spinning stays as
+    asked."""
+    return target_spinning(spinning, draft is not None and draft != NGRAM)
 
 
 def _json_for_stdout(obj: object) -> str:

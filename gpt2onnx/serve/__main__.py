@@ -323,9 +323,8 @@ def _main(argv: list[str] | None) -> int:
     if args.chat_template and args.chat_template not in BUILT_IN:
         check_template_file(args.chat_template)
     check_cache_fits(manifest, args.max_batch_size, args.provider)
+    spinning = server_spinning(args.spinning, args.speculative)  # reads GPT2ONNX_SPIN
     check_bind(args.host, args.port)  # last: the others cost nothing to fix first
-    spec = args.speculative
-    spinning = server_spinning(args.spinning, spec)
     mixed = config.mixed_runs  # ``config`` is rebound to uvicorn's below
     engine = Engine(lambda: Model(args.model_dir, provider=args.provider,
                                   threads=args.threads, spinning=spinning,

@@ -33,8 +33,8 @@ from pathlib import Path
 
 from gpt2onnx.contract import LAYOUT_FUSED
 from gpt2onnx.errors import InvalidParameterError
-from gpt2onnx.runtime.drafting import NGRAM, check_draft, draft_spinning
-from gpt2onnx.runtime.folder import SPIN_RUN, spin_from_env
+from gpt2onnx.runtime.drafting import NGRAM, check_draft, draft_spinning, target_spinning
+from gpt2onnx.runtime.folder import spin_from_env
 from gpt2onnx.runtime.generator import Generator, plan_row
 from gpt2onnx.runtime.model import Model
 from gpt2onnx.runtime.params import GenerationParams
@@ -158,10 +158,9 @@ def server_spinning(asked: bool | str | None, speculative: str | None = None) ->
     measured the reverse, 248 against 282 (docs/serving.md, "Spinning"): ``--no-spin``
     is worth trying where the load generator or other processes share the cores.
     """
-    draft = speculative is not None and speculative.startswith("draft:")
-    spinning = asked if asked is not None else spin_from_env()
-    if draft and spinning is True:
-        return SPIN_RUN  # both sessions spinning fully hold the cores the other needs
+    spinning = target_spinning(asked if asked is not None else spin_from_env(),
+                               speculative is not None and speculative.startswith("draft:"))
+    assert spinning is not None
     return spinning
 
 

@@ -51,3 +51,20 @@ def test_baseline_flags_need_a_baseline(capsys: pytest.CaptureFixture[str]) -> N
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--baseline GITREF" in err, err
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--baseline", "HEAD", "--baseline-flags="], "--baseline-flags is empty"),
+    (["--variant-flags", "this engine=--no-spin"], "'this engine' is taken"),
+    (["--variant-flags", "a=--no-spin", "--variant-flags", "a=--prefill-chunk 16"],
+     "'a' is taken"),
+])
+def test_bad_variant_sets_are_refused(argv: list[str], words: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from gpt2onnx.bench.serving import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", "/nonexistent/never-made"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err

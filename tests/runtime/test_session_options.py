@@ -68,9 +68,10 @@ def test_spin_within_runs_only() -> None:
         session_options(spinning="sometimes")
 
 
-def test_speculating_clis_spin_within_runs_only() -> None:
+def test_speculating_clis_spin_within_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from gpt2onnx.runtime.generate import speculative_spinning
 
+    monkeypatch.delenv(SPIN_ENV, raising=False)
     assert speculative_spinning(None, "some/draft/folder") == "run"
     assert speculative_spinning(True, "some/draft/folder") == "run"
     assert speculative_spinning(False, "some/draft/folder") is False  # --no-spin wins

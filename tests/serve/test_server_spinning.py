@@ -45,6 +45,18 @@ def test_server_spinning_with_the_variable(monkeypatch: pytest.MonkeyPatch, env:
     assert server_spinning(asked, None) == expected
 
 
+@pytest.mark.parametrize(("env", "expected"), [("0", False), ("1", "run"), ("run", "run")])
+def test_the_variable_with_a_draft_model(monkeypatch: pytest.MonkeyPatch, env: str,
+                                         expected: bool | str) -> None:
+    """The serve and generate CLIs read it the same way: 0 turns spinning off even with
+    a draft; on becomes "run"."""
+    from gpt2onnx.runtime.generate import speculative_spinning
+
+    monkeypatch.setenv(SPIN_ENV, env)
+    assert server_spinning(None, "draft:some/folder") == expected
+    assert speculative_spinning(None, "some/folder") == expected
+
+
 def test_a_bad_variable_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SPIN_ENV, "sometimes")
     with pytest.raises(InvalidParameterError, match="'sometimes' is not one of"):
@@ -65,9 +77,13 @@ class _Built(Exception):
     pass
 
 
-@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--no-spin"], False)])
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([], True), (["--no-spin"], False), (["--speculative", "draft:DRAFT"], "run"),
+    (["--speculative", "draft:DRAFT", "--no-spin"], False),
+])
 def test_the_choice_reaches_the_model(tiny_fused: Path, monkeypatch: pytest.MonkeyPatch,
-                                      flags: list[str], expected: bool) -> None:
+                                      flags: list[str], expected: bool | str) -> None:
+    flags = [f.replace("DRAFT", str(tiny_fused)) for f in flags]
     seen: dict[str, object] = {}
 
     def engine(factory: object, config: object) -> None:
@@ -82,4 +98,4 @@ def test_the_choice_reaches_the_model(tiny_fused: Path, monkeypatch: pytest.Monk
     with pytest.raises(_Built):
         serve_main._main([str(tiny_fused), "--port", "0", *flags])
     seen["factory"]()
-    assert seen["spinning"] is expected
+    assert seen["spinning"] == expected and type(seen["spinning"]) is type(expected)

@@ -87,3 +87,22 @@ def test_the_serve_config_file_names_the_builder_and_only_known_args() -> None:
     assert callable(builder) and set(app["args"]) <= set(ARGUMENTS)
     replica, scaling = configs_from_args(app["args"])
     assert scaling.num_replicas == 2 and replica.model_name == "pydoc-tiny-onnx"
+
+
+def test_no_spin_reaches_the_replica(tmp_path: Path) -> None:
+    _, args = parse_args([str(tmp_path), "--no-spin"])
+    assert configs_from_args(args)[0].spinning is False
+    _, args = parse_args([str(tmp_path)])
+    assert configs_from_args(args)[0].spinning is None  # the replica's GPT2ONNX_SPIN, else on
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("false", False), ("0", False), ("run", "run"), ("on", True), (True, True)])
+def test_spinning_from_a_config_file(value: object, expected: object) -> None:
+    replica, _ = configs_from_args({"model_dir": "m", "spinning": value})
+    assert replica.spinning == expected and type(replica.spinning) is type(expected)
+
+
+def test_a_bad_spinning_value_names_itself() -> None:
+    with pytest.raises(InvalidParameterError, match=r"spinning='sometimes' is not one of"):
+        configs_from_args({"model_dir": "m", "spinning": "sometimes"})

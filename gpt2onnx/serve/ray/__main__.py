@@ -17,7 +17,8 @@ from gpt2onnx.serve import __main__ as single_machine
 from gpt2onnx.serve.ray.config import DEFAULT_MAX_QUEUED_REQUESTS, configs_from_args
 
 # The single-machine CLI's options that configure a replica (names as configs_from_args).
-SERVE_OPTIONS = ("model_dir", "served_model_name", "provider", "threads", "max_batch_size",
+SERVE_OPTIONS = ("model_dir", "served_model_name", "provider", "threads", "spinning",
+                 "max_batch_size",
                  "max_queue", "timeout", "max_n", "api_key", "max_body_bytes",
                  "shutdown_timeout")
 RAY_OPTIONS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
@@ -34,8 +35,8 @@ def ray_parser() -> argparse.ArgumentParser:
         description="Serve a model folder as Ray Serve replicas behind the same "
                     "OpenAI-compatible API as python -m gpt2onnx.serve.",
         epilog="Every option of `python -m gpt2onnx.serve` (MODEL_DIR, --host, --port, "
-               "--provider, --threads, --max-batch-size, --max-queue, --timeout, --max-n, "
-               "--api-key, --served-model-name, --max-body-bytes, --shutdown-timeout, "
+               "--provider, --threads, --no-spin, --max-batch-size, --max-queue, --timeout, "
+               "--max-n, --api-key, --served-model-name, --max-body-bytes, --shutdown-timeout, "
                "--log-level) is accepted and means the same, per replica; --host/--port "
                "are Serve's HTTP proxy's. See docs/ray.md.")
     scale = p.add_argument_group("replicas (a fixed count, or autoscaling bounds)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2onnx.errors import InvalidParameterError
+from gpt2onnx.runtime.folder import parse_spinning
 from gpt2onnx.serve.app import DEFAULT_MAX_BODY_BYTES
 from gpt2onnx.serve.engine import EngineConfig
 
@@ -34,6 +35,9 @@ class ReplicaConfig:
         model_name: the id clients pass as ``model`` and /v1/models lists.
         provider: "cpu" or "cuda" (the replica then reserves a GPU).
         threads: onnxruntime intra-op threads; None: onnxruntime's choice.
+        spinning: intra-op spinning (``--no-spin`` gives False; "run": within runs
+            only); None: GPT2ONNX_SPIN in the replica's environment, else on (see
+            ``serve.engine.server_spinning``).
         engine: batch, queue and timeout limits of each replica's engine.
         api_key: when set, /v1/* requires ``Authorization: Bearer <api_key>``.
         max_body_bytes: larger request bodies get 413.
@@ -44,6 +48,7 @@ class ReplicaConfig:
     model_name: str
     provider: str = "cpu"
     threads: int | None = None
+    spinning: bool | str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -101,6 +106,7 @@ class ScalingConfig:
 ARGUMENTS: dict[str, Any] = {
     # the single-machine server's options
     "model_dir": None, "served_model_name": None, "provider": "cpu", "threads": None,
+    "spinning": None,
     "max_batch_size": EngineConfig().max_batch_size, "max_queue": EngineConfig().max_queue,
     "timeout": EngineConfig().request_timeout, "max_n": EngineConfig().max_choices,
     "api_key": None, "max_body_bytes": DEFAULT_MAX_BODY_BYTES, "shutdown_timeout": 30.0,
@@ -158,7 +164,7 @@ def configs_from_args(args: Mapping[str, Any]) -> tuple[ReplicaConfig, ScalingCo
     replica = ReplicaConfig(
         model_dir=str(model_dir),
         model_name=a["served_model_name"] or model_dir.resolve().name,
-        provider=provider, threads=threads, engine=engine,
+        provider=provider, threads=threads, spinning=_spinning(a["spinning"]), engine=engine,
         api_key=a["api_key"] if a["api_key"] is not None else os.environ.get(API_KEY_ENV),
         max_body_bytes=_integer(a, "max_body_bytes", low=1),
         drain_timeout=_number(a, "shutdown_timeout", low=0.0))
@@ -204,6 +210,16 @@ def _from_text(name: str, value: Any) -> Any:
         except ValueError:
             pass
     return value  # left for the range check to refuse by name
+
+
+def _spinning(value: Any) -> bool | str | None:
+    """None, True, False or "run"; text (a config file's value) as GPT2ONNX_SPIN reads."""
+    if value is None or isinstance(value, bool):
+        return value
+    if value in (0, 1) and not isinstance(value, float):
+        return bool(value)  # ``spinning=0`` in a config file reads as the number
+    return parse_spinning(str(value), f"spinning={value!r}", "spinning",
+                          "pass false to turn intra-op spinning off, or leave it out")
 
 
 def _integer(a: Mapping[str, Any], name: str, low: int) -> int:

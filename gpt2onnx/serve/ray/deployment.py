@@ -92,7 +92,7 @@ class EngineReplica:
         self.engine = Engine(lambda: Model(config.model_dir, provider=config.provider,
                                            threads=config.threads,
                                            spinning=server_spinning(
-                                               None, config.engine.speculative),
+                                               config.spinning, config.engine.speculative),
                                            mixed=config.engine.mixed_runs), config.engine)
         self.engine.start().wait_ready()  # re-raises a load failure
         self.http_app: FastAPI = create_app(
