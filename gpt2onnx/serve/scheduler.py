@@ -116,9 +116,11 @@ class Scheduler:
 
     def plan(self, chunk_limit: int | None = None) -> StepPlan:
         """The prompt chunks of this step: the prefilling rows oldest first, each as much
-        of its prompt as the budget has left. Rows with nothing left to run (they copy an
-        identical prompt's slot) get no chunk. ``chunk_limit`` lowers the budget of a step
-        with decoding rows (a ``StallBudget``'s ``tokens()``)."""
+        of its prompt as the budget has left; while rows decode, a later prompt that the
+        budget could take whole in one step is not split but waits for the next step.
+        Rows with nothing left to run (they copy an identical prompt's slot) get no
+        chunk. ``chunk_limit`` lowers the budget of a step with decoding rows (a
+        ``StallBudget``'s ``tokens()``)."""
         decoding = len(self.running)
         if not self.joinable:  # whole prompts, in the batch's first run
             return StepPlan([(s, s.left) for s in self.prefilling if s.left], decoding,
@@ -133,6 +135,12 @@ class Scheduler:
                 break
             if seq.left <= 0:
                 continue
+            if decoding and chunks and left < seq.left <= budget:
+                # A prompt that one step can take whole waits for the next step instead of
+                # being split: its first token comes in that step either way, and its
+                # second piece would start on a past, which runs apart from the new
+                # prompts' lane (one more pass over the weights for every decoding row).
+                break
             n = min(seq.left, left)
             chunks.append((seq, n))
             left -= n

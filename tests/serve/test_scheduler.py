@@ -212,3 +212,31 @@ def test_plan_takes_the_chunk_limit_only_while_rows_decode() -> None:
     sched.started(other)
     assert sched.plan(chunk_limit=10).prefill_tokens == 10
     assert sched.plan(chunk_limit=1000).prefill_tokens == 64  # never above the chunk
+
+
+def test_while_rows_decode_a_prompt_that_fits_one_step_is_not_split() -> None:
+    """Closed-loop clients come back two or three at a time: a third 13-token prompt
+    that does not fit what is left of a 32-token step waits whole for the next step
+    (its first token comes then either way) instead of running 6 + 7 tokens, whose
+    second piece would need a model run of its own."""
+    s = Scheduler(slots=8, chunk_tokens=32, idle_tokens=2048)
+    s.enqueue(seqs("decoding", 4))
+    admit(s, [0])
+    step(s)
+    assert len(s.running) == 1
+    s.enqueue(seqs("burst", 13, 13, 13, 13))
+    admit(s, [1, 2, 3, 4])
+    assert step(s) == [("burst", 0, 13), ("burst", 1, 13)]
+    assert step(s) == [("burst", 2, 13), ("burst", 3, 13)]
+    assert not s.prefilling
+    # The oldest prompt is still cut to the budget (it always progresses), and a prompt
+    # longer than a whole step is chunked as before.
+    s.enqueue(seqs("long", 40, 13))
+    admit(s, [5, 6])
+    assert step(s) == [("long", 0, 32)]
+    assert step(s) == [("long", 0, 8), ("long", 1, 13)]
+    # With nothing decoding the idle budget is used to the last token.
+    idle = Scheduler(slots=4, chunk_tokens=8, idle_tokens=20)
+    idle.enqueue(seqs("i", 13, 13))
+    admit(idle, [0, 1])
+    assert step(idle) == [("i", 0, 13), ("i", 1, 7)]
