@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=160)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--sampled", action="store_true",
+                   help="temperature 0.8, top-p 0.95, a seed per request (default: greedy)")
     args = p.parse_args(argv)
     for name in ("clients", "requests", "tokens"):
         if getattr(args, name) < 1:
@@ -64,8 +67,9 @@ async def closed_loop(engine: Any, params: Any, args: argparse.Namespace
     async def client() -> None:
         while todo:
             i = todo.pop(0)
+            p = replace(params, seed=i) if args.sampled else params
             request = engine.request(f"The quick brown fox jumps over the lazy dog #{i}",
-                                     params, n=1)
+                                     p, n=1)
             t0 = time.perf_counter()
             first = None
             async with engine.stream(request) as stream:
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     kwargs: dict[str, Any] = {"spinning": SPIN[args.spin]}
     if "mixed" in Model.__init__.__code__.co_varnames:  # engines before the mixed graph
         kwargs["mixed"] = not args.no_mixed_runs
-    params = GenerationParams(max_new_tokens=args.tokens, min_tokens=args.tokens)
+    params = GenerationParams(max_new_tokens=args.tokens, min_tokens=args.tokens,
+                              **({"temperature": 0.8, "top_p": 0.95} if args.sampled else {}))
     with Engine(lambda: Model(args.folder, **kwargs),
                 EngineConfig(max_batch_size=args.clients)) as engine:
         runs.clear()  # not the warm-up's
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sorted(runs)
     print(json.dumps({
         "tree": str(args.tree), "spin": args.spin, "mixed": kwargs.get("mixed"),
+        "sampled": args.sampled,
         "output_tok_s": round(args.requests * args.tokens / wall, 1),
         "ttft_ms_median": round(1e3 * statistics.median(ttft), 1),
         "tpot_ms_median": round(1e3 * statistics.median(tpot), 1) if tpot else None,

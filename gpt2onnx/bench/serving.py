@@ -198,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="distinct,shared,long",
                    help="workloads to run (comma-separated)")
     args = p.parse_args(argv)
+    baseline_flags = None if args.baseline_flags is None else args.baseline_flags.split()
     if args.baseline_flags is not None and args.baseline is None:
         p.error(f"--baseline-flags={args.baseline_flags} needs --baseline GITREF: the engine "
                 "those flags are for")
-    if args.baseline_flags is not None and not args.baseline_flags.split():
+    if baseline_flags == []:
         p.error("--baseline-flags is empty; give the server flags to try on the baseline, "
                 "e.g. --baseline-flags=--no-spin")
     taken = {"this engine", "separate runs"}
@@ -234,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             variants[name] = (prepare.REPO, [*ours, *flags])
         if tree is not None:
             variants[f"engine at {args.baseline}"] = (tree, [])
-            if args.baseline_flags is not None:
+            if baseline_flags:
                 variants[f"engine at {args.baseline} {args.baseline_flags}"] = (
-                    tree, args.baseline_flags.split())
+                    tree, baseline_flags)
         only = set(args.only.split(","))
         vocab = json.loads((folder / "manifest.json").read_text())["vocab_size"]
         top = min(20000, vocab)

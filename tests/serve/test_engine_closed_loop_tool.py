@@ -19,7 +19,7 @@ def run_tool(*argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-mixed-runs", "--spin", "0"]])
+@pytest.mark.parametrize("flags", [[], ["--no-mixed-runs", "--spin", "0", "--sampled"]])
 def test_the_loop_runs_the_engine(tiny_fused: Path, flags: list[str]) -> None:
     proc = run_tool(str(tiny_fused), "--clients", "3", "--requests", "6", "--tokens", "5",
                     *flags)
@@ -28,7 +28,7 @@ def test_the_loop_runs_the_engine(tiny_fused: Path, flags: list[str]) -> None:
     assert r["output_tok_s"] > 0 and r["ttft_ms_median"] > 0
     # 6 requests of 5 tokens on 3 slots: at least 2 rounds of 5 steps
     assert r["model_runs"] >= 10, r
-    assert r["mixed"] is (not flags)
+    assert r["mixed"] is (not flags) and r["sampled"] is bool(flags)
 
 
 @pytest.mark.parametrize(("argv", "words"), [

@@ -18,9 +18,8 @@ from gpt2onnx.serve.ray.config import DEFAULT_MAX_QUEUED_REQUESTS, configs_from_
 
 # The single-machine CLI's options that configure a replica (names as configs_from_args).
 SERVE_OPTIONS = ("model_dir", "served_model_name", "provider", "threads", "spinning",
-                 "max_batch_size",
-                 "max_queue", "timeout", "max_n", "api_key", "max_body_bytes",
-                 "shutdown_timeout")
+                 "max_batch_size", "max_queue", "timeout", "max_n", "api_key",
+                 "max_body_bytes", "shutdown_timeout")
 RAY_OPTIONS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
                "max_ongoing_requests", "max_queued_requests", "num_cpus_per_replica",
                "num_gpus_per_replica")
