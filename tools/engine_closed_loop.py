@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampled": args.sampled,
         "output_tok_s": round(args.requests * args.tokens / wall, 1),
         "ttft_ms_median": round(1e3 * statistics.median(ttft), 1),
+        "ttft_ms_p90": round(1e3 * sorted(ttft)[int(0.9 * (len(ttft) - 1))], 1),
         "tpot_ms_median": round(1e3 * statistics.median(tpot), 1) if tpot else None,
         "model_runs": len(d), "run_ms_median": round(1e3 * statistics.median(d), 1),
         "run_ms_deciles": [round(1e3 * d[min(len(d) - 1, int(len(d) * q))], 1)

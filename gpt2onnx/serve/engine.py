@@ -89,7 +89,9 @@ class EngineConfig:
             while 15 gpt2 rows decode (1.5x against 2.4x) but cost a closed loop of 16
             clients 13 % of its throughput and tripled its TTFT p90
             (bench/results/serving.md).
-        max_step_tokens: prompt tokens run per step while no row decodes.
+        max_step_tokens: prompt tokens run per step while no row decodes, by the oldest
+            request's prompts; a later request's get what the step leaves of one
+            ``prefill_chunk`` (``Scheduler.plan``).
         prefix_cache_mb: host memory for reusable prompt blocks (prefix caching; 0 turns it
             off). CPU folders only.
         prefix_block_tokens: prefixes are matched in whole blocks of this many tokens.

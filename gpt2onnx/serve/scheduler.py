@@ -10,7 +10,11 @@ step's token budget:
   decoding row never waits for more than one chunk between its tokens; a ``StallBudget``
   may lower that per step, from measured run times, so that a step with a chunk takes at
   most a set multiple of a plain decode step;
-- with nothing decoding nobody waits, and a step runs up to ``idle_tokens``.
+- with nothing decoding, the oldest request's prompts run up to ``idle_tokens`` (a long
+  prompt arriving at an idle engine runs whole); a later request's prompts get only what
+  the step leaves of one chunk, so a burst of requests is spread over steps as if rows
+  decoded, and the first of them starts decoding one step later instead of waiting for
+  every prompt of the burst.
 
 Fairness: rows get slots in arrival order (a row never overtakes an older one for a
 slot), and chunks go to the prefilling rows oldest first, so the oldest request always
@@ -118,8 +122,10 @@ class Scheduler:
         """The prompt chunks of this step: the prefilling rows oldest first, each as much
         of its prompt as the budget has left; while rows decode, a later prompt that the
         budget could take whole in one step is not split but waits for the next step.
-        Rows with nothing left to run (they copy an identical prompt's slot) get no
-        chunk. ``chunk_limit`` lowers the budget of a step with decoding rows (a
+        With nothing decoding, the oldest request's prompts share ``idle_tokens`` and a
+        later request's prompts only what the step leaves of one chunk. Rows with
+        nothing left to run (they copy an identical prompt's slot) get no chunk.
+        ``chunk_limit`` lowers the budget of a step with decoding rows (a
         ``StallBudget``'s ``tokens()``)."""
         decoding = len(self.running)
         if not self.joinable:  # whole prompts, in the batch's first run
@@ -128,14 +134,26 @@ class Scheduler:
         budget = self.chunk_tokens if decoding else self.idle_tokens
         if decoding and chunk_limit is not None:
             budget = max(1, min(budget, chunk_limit))
-        left = budget
+        # With nothing decoding nobody waits for the step but the oldest request: a later
+        # request's prompt in it would delay that request's first token by its own
+        # prefill, so it gets what is left of one chunk, as if rows decoded (measured in
+        # docs/serving.md: a closed loop's burst then spreads over steps, and its clients
+        # stop arriving in lockstep). The oldest request's rows all finish together
+        # anyway (an lm-eval batch of 16 prompts is one request) and share the step.
+        lead = None if decoding else next((s.owner for s in self.prefilling if s.left > 0),
+                                          None)
+        left, used = budget, 0
         chunks: list[tuple[SeqState, int]] = []
         for seq in self.prefilling:
-            if left <= 0:
-                break
             if seq.left <= 0:
                 continue
-            if decoding and chunks and left < seq.left <= budget:
+            held = bool(decoding) or seq.owner is not lead
+            whole = budget if decoding else self.chunk_tokens  # what a held step takes
+            if held and not decoding:
+                left = min(left, self.chunk_tokens - used)
+            if left <= 0:
+                break
+            if held and chunks and left < seq.left <= whole:
                 # A prompt that one step can take whole waits for the next step instead of
                 # being split: its first token comes in that step either way, and its
                 # second piece would start on a past, which runs apart from the new
@@ -144,6 +162,7 @@ class Scheduler:
             n = min(seq.left, left)
             chunks.append((seq, n))
             left -= n
+            used += n
         return StepPlan(chunks, decoding, budget + decoding)
 
     def ran(self, plan: StepPlan) -> None:

@@ -240,3 +240,35 @@ def test_while_rows_decode_a_prompt_that_fits_one_step_is_not_split() -> None:
     idle.enqueue(seqs("i", 13, 13))
     admit(idle, [0, 1])
     assert step(idle) == [("i", 0, 13), ("i", 1, 7)]
+
+
+def test_with_nothing_decoding_a_later_request_gets_only_what_is_left_of_a_chunk() -> None:
+    """Sixteen closed-loop clients arriving at an idle engine: the oldest request runs at
+    once and later requests share one chunk per step, as if rows decoded, so the first
+    client's first token does not wait for fifteen other prefills."""
+    s = Scheduler(slots=16, chunk_tokens=32, idle_tokens=2048)
+    for k in range(16):
+        s.enqueue(seqs(f"c{k}", 11))
+    admit(s, list(range(16)))
+    assert step(s) == [("c0", 0, 11), ("c1", 0, 11)]  # a third would not fit 32
+    assert step(s) == [("c2", 0, 11), ("c3", 0, 11)]  # two rows decode now: one chunk
+    # The oldest request's own rows still share the whole idle budget (an lm-eval batch
+    # of prompts is one request; its rows finish together anyway).
+    batch = Scheduler(slots=16, chunk_tokens=32, idle_tokens=2048)
+    batch.enqueue(seqs("lm-eval", *[100] * 16))
+    batch.enqueue(seqs("later", 5))
+    admit(batch, list(range(16)))
+    assert step(batch) == [("lm-eval", i, 100) for i in range(16)]
+    # A long prompt at an idle engine runs whole, and nothing of a later request joins it.
+    long = Scheduler(slots=4, chunk_tokens=32, idle_tokens=2048)
+    long.enqueue(seqs("long", 900))
+    long.enqueue(seqs("short", 5))
+    admit(long, [0, 1])
+    assert step(long) == [("long", 0, 900)]
+    assert step(long) == [("short", 0, 5)]
+    # A later request whose prompt is longer than a chunk is cut to what is left of it.
+    mixed = Scheduler(slots=4, chunk_tokens=32, idle_tokens=2048)
+    mixed.enqueue(seqs("a", 10))
+    mixed.enqueue(seqs("b", 100))
+    admit(mixed, [0, 1])
+    assert step(mixed) == [("a", 0, 10), ("b", 0, 22)]
