@@ -106,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-step-tokens", type=_int_flag("max_step_tokens"),
                    default=d.max_step_tokens,
                    help="prompt tokens run per step while no row decodes, by the oldest request's "
-                        "prompts (a later request's share one --prefill-chunk)")
+                        "prompts (a later request's get what they leave of one "
+                        "--prefill-chunk, unless the oldest only scores)")
     p.add_argument("--prefix-cache-mb", type=_int_flag("prefix_cache_mb"),
                    default=d.prefix_cache_mb,
                    help="host memory for reusable prompt blocks (prefix caching; 0 = off)")

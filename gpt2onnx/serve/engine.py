@@ -91,7 +91,8 @@ class EngineConfig:
             (bench/results/serving.md).
         max_step_tokens: prompt tokens run per step while no row decodes, by the oldest
             request's prompts; a later request's get what the step leaves of one
-            ``prefill_chunk`` (``Scheduler.plan``).
+            ``prefill_chunk`` (``Scheduler.plan``), unless the oldest request only scores
+            (max_tokens 0 or 1: then all share it).
         prefix_cache_mb: host memory for reusable prompt blocks (prefix caching; 0 turns it
             off). CPU folders only.
         prefix_block_tokens: prefixes are matched in whole blocks of this many tokens.
@@ -546,7 +547,8 @@ class Engine:
                 return False
             inbox, self._inbox = list(self._inbox), deque()
         for t in inbox:
-            t.seqs = [SeqState(t, i, len(r.prompt_ids)) for i, r in enumerate(t.request.rows)]
+            t.seqs = [SeqState(t, i, len(r.prompt_ids), decodes=r.params.max_new_tokens > 1)
+                      for i, r in enumerate(t.request.rows)]
             self._live.append(t)
             self.scheduler.enqueue(t.seqs)
         self._admit()

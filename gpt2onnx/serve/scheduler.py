@@ -13,8 +13,9 @@ step's token budget:
 - with nothing decoding, the oldest request's prompts run up to ``idle_tokens`` (a long
   prompt arriving at an idle engine runs whole); a later request's prompts get only what
   the step leaves of one chunk, so a burst of requests is spread over steps as if rows
-  decoded, and the first of them starts decoding one step later instead of waiting for
-  every prompt of the burst.
+  decoded: the first request's first token comes after its own prefill (and at most
+  one chunk of others'), not after the whole burst's. Requests whose rows end at their
+  first token (scoring) all share the idle step, as many prompts per run as fit.
 
 Fairness: rows get slots in arrival order (a row never overtakes an older one for a
 slot), and chunks go to the prefilling rows oldest first, so the oldest request always
@@ -46,6 +47,7 @@ class SeqState:
     prompt_tokens: int
     slot: int | None = None
     left: int = 0  # prompt tokens still to run once admitted (set by the engine)
+    decodes: bool = True  # goes on after its first token (False: max_tokens 0 or 1, scoring)
     payload: Any = field(default=None, repr=False)  # the engine's own data for the row
 
 
@@ -123,7 +125,8 @@ class Scheduler:
         of its prompt as the budget has left; while rows decode, a later prompt that the
         budget could take whole in one step is not split but waits for the next step.
         With nothing decoding, the oldest request's prompts share ``idle_tokens`` and a
-        later request's prompts only what the step leaves of one chunk. Rows with
+        later request's prompts only what the step leaves of one chunk, unless none of
+        the oldest request's rows decodes past its first token. Rows with
         nothing left to run (they copy an identical prompt's slot) get no chunk.
         ``chunk_limit`` lowers the budget of a step with decoding rows (a
         ``StallBudget``'s ``tokens()``)."""
@@ -142,12 +145,17 @@ class Scheduler:
         # anyway (an lm-eval batch of 16 prompts is one request) and share the step.
         lead = None if decoding else next((s.owner for s in self.prefilling if s.left > 0),
                                           None)
+        if not any(s.decodes for s in self.prefilling if s.owner is lead):
+            # Rows that end at their first token (scoring, as lm-eval's concurrent
+            # loglikelihood requests) leave no stream waiting and no lockstep behind:
+            # every request shares the idle step, as many prompts per run as fit.
+            lead = None
         left, used = budget, 0
         chunks: list[tuple[SeqState, int]] = []
         for seq in self.prefilling:
             if seq.left <= 0:
                 continue
-            held = bool(decoding) or seq.owner is not lead
+            held = bool(decoding) or (lead is not None and seq.owner is not lead)
             whole = budget if decoding else self.chunk_tokens  # what a held step takes
             if held and not decoding:
                 left = min(left, self.chunk_tokens - used)
@@ -163,6 +171,8 @@ class Scheduler:
             chunks.append((seq, n))
             left -= n
             used += n
+        # An idle step that holds later requests back still reports the idle budget: its
+        # budget-used metric then reads low, which is what it is (the step ran short).
         return StepPlan(chunks, decoding, budget + decoding)
 
     def ran(self, plan: StepPlan) -> None:

@@ -272,3 +272,22 @@ def test_with_nothing_decoding_a_later_request_gets_only_what_is_left_of_a_chunk
     mixed.enqueue(seqs("b", 100))
     admit(mixed, [0, 1])
     assert step(mixed) == [("a", 0, 10), ("b", 0, 22)]
+
+
+def test_scoring_requests_share_the_idle_step_and_a_later_request_may_have_many_rows() -> None:
+    """Rows that end at their first token (lm-eval's concurrent loglikelihood requests)
+    leave nothing waiting: every request shares the idle budget, as before."""
+    s = Scheduler(slots=8, chunk_tokens=32, idle_tokens=2048)
+    for k in range(4):
+        s.enqueue([SeqState(f"score{k}", 0, 30, decodes=False)])
+    admit(s, list(range(4)))
+    assert step(s) == [(f"score{k}", 0, 30) for k in range(4)]
+    # A generating oldest request holds back a later request of several rows: it gets what
+    # is left of the chunk, row by row, and an idle chunk_limit does not apply.
+    g = Scheduler(slots=8, chunk_tokens=32, idle_tokens=2048)
+    g.enqueue(seqs("gen", 10))
+    g.enqueue(seqs("many", 10, 10, 10))
+    admit(g, list(range(4)))
+    plan = g.plan(chunk_limit=4)
+    assert [(q.owner, q.index, n) for q, n in plan.chunks] == [
+        ("gen", 0, 10), ("many", 0, 10), ("many", 1, 10)]

@@ -81,6 +81,29 @@ def test_prefix_hits_are_counted_and_save_prefill(make_engine: Callable[..., Eng
         assert name in text
 
 
+def test_rows_that_end_at_their_first_token_are_marked_for_the_idle_step(
+        make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler holds later requests back in an idle step only behind a request that
+    decodes; the engine says which rows do (max_tokens above 1)."""
+    from gpt2onnx.serve.scheduler import Scheduler
+
+    seen: list[tuple[int, bool]] = []
+    enqueue = Scheduler.enqueue
+
+    def spy(self: Scheduler, seqs: Any) -> None:
+        seqs = list(seqs)
+        seen.extend((s.prompt_tokens, s.decodes) for s in seqs)
+        enqueue(self, seqs)
+
+    monkeypatch.setattr(Scheduler, "enqueue", spy)
+    engine = make_engine(max_batch_size=2)
+    seen.clear()  # not the warm-up's
+    for n in (0, 1, 2, 8):
+        engine.complete_sync(engine.request("Why is the sky blue?",
+                                            GenerationParams(max_new_tokens=n, **GREEDY)))
+    assert [d for _, d in seen] == [False, False, True, True]
+
+
 @pytest.mark.parametrize("mixed", [True, False], ids=["one run", "separate runs"])
 def test_a_long_prompt_is_chunked_between_decode_steps(make_engine: Callable[..., Engine],
                                                        monkeypatch: pytest.MonkeyPatch,
