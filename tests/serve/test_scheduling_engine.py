@@ -291,8 +291,13 @@ def test_a_request_that_starts_at_once_is_not_held_to_the_token_limit(
 
 
 def test_the_stall_budget_changes_chunk_sizes_not_outputs(
-        make_engine: Callable[..., Engine], greedy_text: Callable[..., str]) -> None:
+        make_engine: Callable[..., Engine], greedy_text: Callable[..., str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """--max-stall: chunk sizes follow measured run times, outputs stay greedy's."""
+    # Decode steps of at least 5 ms: the tiny model can otherwise finish the first
+    # request's 40 tokens before the long prompt arrives, which then runs whole in an
+    # idle step (a CI run saw 3 chunks).
+    slow_steps(monkeypatch, 0.005)
     engine = make_engine(max_batch_size=4, prefill_chunk=16, max_stall=1.2)
     short = GenerationParams(max_new_tokens=40, **GREEDY)
     long_prompt = [int(t) for t in np.random.default_rng(3).integers(300, 5000, 90)]
@@ -301,7 +306,8 @@ def test_the_stall_budget_changes_chunk_sizes_not_outputs(
 
     async def run() -> list[str]:
         first = asyncio.ensure_future(engine.complete(request))
-        await asyncio.sleep(0.02)  # the long prompt arrives while both rows decode
+        while len(engine.scheduler.running) < 2 and not first.done():  # both rows decode
+            await asyncio.sleep(0.001)
         late = EngineRequest((RowSpec(tuple(long_prompt),
                                       GenerationParams(max_new_tokens=8, **GREEDY)),))
         done = await asyncio.gather(first, engine.complete(late))
