@@ -143,13 +143,7 @@ class Scheduler:
         # docs/serving.md: a closed loop's burst then spreads over steps, and its clients
         # stop arriving in lockstep). The oldest request's rows all finish together
         # anyway (an lm-eval batch of 16 prompts is one request) and share the step.
-        lead = None if decoding else next((s.owner for s in self.prefilling if s.left > 0),
-                                          None)
-        if not any(s.decodes for s in self.prefilling if s.owner is lead):
-            # Rows that end at their first token (scoring, as lm-eval's concurrent
-            # loglikelihood requests) leave no stream waiting and no lockstep behind:
-            # every request shares the idle step, as many prompts per run as fit.
-            lead = None
+        lead = None if decoding else self._idle_lead()
         left, used = budget, 0
         chunks: list[tuple[SeqState, int]] = []
         for seq in self.prefilling:
@@ -174,6 +168,17 @@ class Scheduler:
         # An idle step that holds later requests back still reports the idle budget: its
         # budget-used metric then reads low, which is what it is (the step ran short).
         return StepPlan(chunks, decoding, budget + decoding)
+
+    def _idle_lead(self) -> Hashable | None:
+        """The request an idle step is for: the oldest with prompt tokens left, or None
+        where its rows end at their first token (scoring, as lm-eval's concurrent
+        loglikelihood requests): they leave no stream waiting and no lockstep behind, so
+        every request shares the idle step, as many prompts per run as fit."""
+        first = next((s for s in self.prefilling if s.left > 0), None)
+        if first is None:
+            return None
+        rows = (s for s in self.prefilling if s.owner is first.owner)
+        return first.owner if any(s.decodes for s in rows) else None
 
     def ran(self, plan: StepPlan) -> None:
         """The plan's chunks are in the cache."""
