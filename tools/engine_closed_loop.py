@@ -1,8 +1,8 @@
 """The serving engine in a closed loop, in process (no HTTP, no load generator):
 ``--clients`` coroutines on ``Engine.stream``, each sending its next request as soon as
 the last one ends, ``--tokens`` new tokens each (EOS held off), and every model run
-timed. Prints one JSON line: output tokens/s, TTFT and TPOT medians, model runs and
-their deciles.
+timed. Prints one JSON line: output tokens/s, TTFT and TPOT medians, the wall time and
+the time in model runs, the runs and their deciles.
 
 It separates the engine from HTTP: docs/serving.md's "Spinning" numbers (this engine
 against the one at 734424b, spinning and sleeping) are from it. ``--tree`` runs the
@@ -44,12 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="intra-op spinning: 1, 0 or run (default 1, the server's)")
     p.add_argument("--no-mixed-runs", action="store_true",
                    help="separate runs for chunks and decode tokens")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="EngineConfig.prefill_chunk (default: the engine's own)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=160)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--sampled", action="store_true",
                    help="temperature 0.8, top-p 0.95, a seed per request (default: greedy)")
     args = p.parse_args(argv)
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        p.error(f"--prefill-chunk must be at least 1, got {args.prefill_chunk}")
     for name in ("clients", "requests", "tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -114,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["mixed"] = not args.no_mixed_runs
     params = GenerationParams(max_new_tokens=args.tokens, min_tokens=args.tokens,
                               **({"temperature": 0.8, "top_p": 0.95} if args.sampled else {}))
+    chunk = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
     with Engine(lambda: Model(args.folder, **kwargs),
-                EngineConfig(max_batch_size=args.clients)) as engine:
+                EngineConfig(max_batch_size=args.clients, **chunk)) as engine:
         runs.clear()  # not the warm-up's
         wall, ttft, tpot = asyncio.run(closed_loop(engine, params, args))
     d = sorted(runs)
@@ -127,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_ms_median": round(first["median"], 1),
         "ttft_ms_p90": round(first["p90"], 1),
         "tpot_ms_median": round(1e3 * statistics.median(tpot), 1) if tpot else None,
+        "wall_s": round(wall, 4), "run_s_total": round(sum(d), 4),
         "model_runs": len(d), "run_ms_median": round(1e3 * statistics.median(d), 1),
         "run_ms_deciles": [round(1e3 * d[min(len(d) - 1, int(len(d) * q))], 1)
                            for q in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)]}))

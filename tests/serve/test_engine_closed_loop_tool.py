@@ -19,7 +19,8 @@ def run_tool(*argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-mixed-runs", "--spin", "0", "--sampled"]])
+@pytest.mark.parametrize("flags", [[], ["--no-mixed-runs", "--spin", "0", "--sampled"],
+                                   ["--prefill-chunk", "4"]])
 def test_the_loop_runs_the_engine(tiny_fused: Path, flags: list[str]) -> None:
     proc = run_tool(str(tiny_fused), "--clients", "3", "--requests", "6", "--tokens", "5",
                     *flags)
@@ -28,11 +29,14 @@ def test_the_loop_runs_the_engine(tiny_fused: Path, flags: list[str]) -> None:
     assert r["output_tok_s"] > 0 and r["ttft_ms_median"] > 0
     # 6 requests of 5 tokens on 3 slots: at least 2 rounds of 5 steps
     assert r["model_runs"] >= 10, r
-    assert r["mixed"] is (not flags) and r["sampled"] is bool(flags)
+    assert r["mixed"] is ("--no-mixed-runs" not in flags)
+    assert r["sampled"] is ("--sampled" in flags)
+    assert 0 < r["run_s_total"] <= r["wall_s"], r
 
 
 @pytest.mark.parametrize(("argv", "words"), [
     (["--clients", "0"], "--clients must be at least 1"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
     (["--spin", "sometimes"], "invalid choice"),
 ])
 def test_bad_arguments_are_one_line(tiny_fused: Path, argv: list[str], words: str) -> None:
