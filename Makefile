@@ -46,7 +46,7 @@ run: setup
 	$(BIN)/python -m gpt2onnx.runtime.generate $(OUT) --prompt "$(PROMPT)" --max-new-tokens $(TOKENS) $(GEN_ARGS) --stream
 
 export: setup
-	$(BIN)/python -m gpt2onnx.export $(MODEL) $(OUT) --layout $(LAYOUT) --precision $(PRECISION)
+	$(BIN)/python -m gpt2onnx.export $(MODEL) $(OUT) --layout $(LAYOUT) --precision $(PRECISION) $(if $(INT4_BLOCK_SIZE),--int4-block-size $(INT4_BLOCK_SIZE))
 
 generate: setup
 	$(BIN)/python -m gpt2onnx.runtime.generate $(OUT) --prompt "$(PROMPT)" --max-new-tokens $(TOKENS) $(GEN_ARGS)

@@ -138,7 +138,8 @@ def build_targets(chosen: list[Variant], ckpt: Path, cache: Path, clock: Clock
         if v.kind == KIND_OURS:
             assert v.layout is not None
             clock.log(f"export {v.name}")
-            folder = prepare.our_export(cache, ckpt, v.layout, v.precision, v.provider)
+            folder = prepare.our_export(cache, ckpt, v.layout, v.precision, v.provider,
+                                        v.int4_block_size)
             targets.append(ms.Target(v, sys.executable, str(folder)))
         elif v.kind in TORCH_KINDS:
             targets.append(ms.Target(v, sys.executable, str(ckpt)))

@@ -93,16 +93,20 @@ def exporter_digest() -> str:
 
 
 def our_export(cache: Path, ckpt: Path, layout: str, precision: str,
-               provider: str = "cpu") -> Path:
-    """Our model folder for (layout, precision, provider); exported once and reused."""
+               provider: str = "cpu", int4_block_size: int | None = None) -> Path:
+    """Our model folder for (layout, precision, provider[, int4 block size]); exported
+    once and reused."""
     from gpt2onnx.export.api import ExportOptions, export_model
 
-    out = cache / f"ours-{ckpt.name}-{layout}-{precision}-{provider}-{exporter_digest()}"
+    block = f"-b{int4_block_size}" if int4_block_size else ""
+    out = cache / (f"ours-{ckpt.name}-{layout}-{precision}{block}-{provider}-"
+                   f"{exporter_digest()}")
     if not (out / "manifest.json").exists():
         # Validation against PyTorch is the exporter's test suite's job; the bench checks
         # instead that greedy tokens agree with the PyTorch variants on its own prompt.
         export_model(ckpt, out, ExportOptions(layout=layout, precision=precision,
-                                              provider=provider, validate=False))
+                                              provider=provider, validate=False,
+                                              int4_block_size=int4_block_size))
     return out
 
 

@@ -47,16 +47,25 @@ class Variant:
     precision: str = "fp32"
     provider: str = "cpu"
     venv: str | None = None  # a peer's own venv (repo-relative); None: this interpreter
+    int4_block_size: int | None = None  # ours at int4: the export's block (None: default)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _ours(layout: str, precision: str, provider: str = "cpu") -> Variant:
-    suffix = "" if provider == "cpu" else f"-{provider}"
-    return Variant(name=f"ours-{layout}-{precision}{suffix}", kind=KIND_OURS,
-                   label=f"gpt2onnx {layout} {precision}{' ' + provider if suffix else ''}",
-                   layout=layout, precision=precision, provider=provider)
+def _ours(layout: str, precision: str, provider: str = "cpu",
+          block: int | None = None) -> Variant:
+    suffix = ("" if provider == "cpu" else f"-{provider}") + (f"-b{block}" if block else "")
+    label = (f"gpt2onnx {layout} {precision}{' ' + provider if provider != 'cpu' else ''}"
+             f"{f' block {block}' if block else ''}")
+    return Variant(name=f"ours-{layout}-{precision}{suffix}", kind=KIND_OURS, label=label,
+                   layout=layout, precision=precision, provider=provider,
+                   int4_block_size=block)
+
+
+# int4 at OpenVINO's default group size (128; ours defaults to 32, as llama.cpp's q4_0):
+# the like-for-like row against OpenVINO int4, and what the faster setting gives.
+INT4_COARSE_BLOCK = 128
 
 
 ALL_VARIANTS: tuple[Variant, ...] = (
@@ -73,6 +82,7 @@ ALL_VARIANTS: tuple[Variant, ...] = (
     _ours("fused", "fp32"),
     _ours("fused", "int8"),
     _ours("fused", "int4"),
+    _ours("fused", "int4", block=INT4_COARSE_BLOCK),
     # llama.cpp built from the source llama-cpp-python's sdist vendors (GGML_NATIVE=ON),
     # GGUF f32 and its llama-quantize q8_0 / q4_0; tools/peers/setup_llamacpp.sh.
     *(Variant(f"llamacpp-{gguf}", KIND_LLAMACPP, f"llama.cpp GGUF {gguf}",

@@ -8,6 +8,7 @@ import sys
 from gpt2onnx.cli import Parser, int_in, run_main, utf8_text
 from gpt2onnx.contract import LAYOUTS, PRECISIONS
 from gpt2onnx.export.api import DEFAULT_LAYOUT, ExportOptions, export_model
+from gpt2onnx.export.precision import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES
 
 # The longest cache a fused folder may ask for; the model's n_positions bounds it further
 # (checked once the checkpoint is loaded).
@@ -39,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-mixed-graph", action="store_true",
                    help="fused CPU folders: do not write model_mixed.onnx (the serving "
                         "engine then runs prompt chunks and decode rows as separate runs)")
+    p.add_argument("--int4-block-size", type=int, choices=INT4_BLOCK_SIZES, default=None,
+                   help=f"--precision int4: weights per quantization block (default: "
+                        f"{INT4_BLOCK_SIZE}); larger blocks are faster and less close to "
+                        "fp32")
     return p.parse_args(argv)
 
 
@@ -56,7 +61,8 @@ def _main(argv: list[str] | None) -> int:
     quiet_transformers()
     opts = ExportOptions(layout=args.layout, precision=args.precision, provider=args.provider,
                          max_length=args.max_length, validate=not args.no_validate,
-                         tokenizer=args.tokenizer, mixed_graph=not args.no_mixed_graph)
+                         tokenizer=args.tokenizer, mixed_graph=not args.no_mixed_graph,
+                         int4_block_size=args.int4_block_size)
     export_model(args.source, args.out_dir, opts)
     print(f"wrote {args.out_dir} ({args.layout}, {args.precision})")
     return 0

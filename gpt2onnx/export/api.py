@@ -46,6 +46,9 @@ class ExportOptions:
         mixed_graph: with a CPU fused folder, also write the mixed graph (the serving
             engine runs decode rows and prompt chunks in one run with it); the weights
             then live once in model.onnx.data, shared by both graphs.
+        int4_block_size: int4 only: weights per quantization block, one of 16, 32, 64,
+            128, 256 (default 32). Larger blocks decode and prefill faster and stray
+            further from fp32 (bench history section 20).
     """
 
     layout: str = DEFAULT_LAYOUT
@@ -55,6 +58,7 @@ class ExportOptions:
     validate: bool = True
     tokenizer: str | None = None
     mixed_graph: bool = True
+    int4_block_size: int | None = None
 
     def check(self, spec: ModelSpec | None = None) -> None:
         if self.layout not in LAYOUTS:
@@ -66,9 +70,9 @@ class ExportOptions:
         if self.provider not in ("cpu", "cuda"):
             raise InvalidParameterError("provider", f"provider must be 'cpu' or 'cuda', got "
                                         f"{self.provider!r}.")
-        if self.layout == LAYOUT_FUSED:
-            from gpt2onnx.export.precision import check_pair
+        from gpt2onnx.export.precision import check_int4_block_size, check_pair
 
+        if self.layout == LAYOUT_FUSED:
             check_pair(self.precision, self.provider)
         if self.layout == LAYOUT_STANDARD and self.precision != "fp32":
             raise InvalidParameterError(
@@ -81,6 +85,16 @@ class ExportOptions:
                 raise InvalidParameterError(
                     "max_length", f"max_length must be in [2, {top or 'n_positions'}], got "
                     f"{self.max_length!r}; it cannot exceed the model's position table.")
+        check_int4_block_size(self.int4_block_size, self.precision)
+
+    @property
+    def block_size(self) -> int | None:
+        """The int4 block size the export uses (None for other precisions)."""
+        from gpt2onnx.export.precision import INT4_BLOCK_SIZE
+
+        if self.precision != "int4":
+            return None
+        return self.int4_block_size or INT4_BLOCK_SIZE
 
 
 class _Progress:
@@ -117,7 +131,7 @@ def _build(spec: ModelSpec, weights: Any, opts: ExportOptions, max_length: int) 
     if cache_dtype(opts) == "float16":
         graph = apply_precision(graph, "fp16")
     if opts.precision in ("int8", "int4"):
-        graph = apply_precision(graph, opts.precision)
+        graph = apply_precision(graph, opts.precision, opts.block_size)
     return graph
 
 
@@ -189,6 +203,7 @@ def export_model(source: str | Path, out_dir: str | Path,
             report: dict[str, Any] = {
                 "source": str(source), "exporter_version": __version__,
                 "layout": opts.layout, "precision": opts.precision, "provider": opts.provider,
+                **({"int4_block_size": opts.block_size} if opts.block_size else {}),
                 "validation": None,
             }
             if opts.validate:

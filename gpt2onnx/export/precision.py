@@ -6,7 +6,9 @@
   ``per_row_activations``: each token's activations get their own scale, so a row's
   logits do not depend on the other rows of its run (see there).
 - int4: ``MatMulNBitsQuantizer`` (weight-only, block-wise; accuracy_level 4 = int8 compute
-  on the CPU, the fast path).
+  on the CPU, the fast path). The block size trades fidelity for speed (bench history
+  section 20): 32 by default, as llama.cpp's q4_0 and onnxruntime-genai's builder; 128 is
+  OpenVINO's default group size.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from gpt2onnx.contract import LOGITS, NEXT_TOKEN
 from gpt2onnx.errors import InvalidParameterError
 
 INT4_BLOCK_SIZE = 32
+# MatMulNBits takes powers of two from 16; onnxruntime's CPU kernels stop at 256.
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT4_ACCURACY_LEVEL = 4
 
 # Which (precision, provider) pairs have kernels for every node of the fused graph.
@@ -151,16 +155,30 @@ def _keep_bias_out_of_the_fused_matmul(matmul: onnx.NodeProto,
                     add.op_type = "Sum"
 
 
-def to_int4(model: onnx.ModelProto) -> onnx.ModelProto:
+def check_int4_block_size(block_size: int | None, precision: str) -> None:
+    if block_size is None:
+        return
+    if precision != "int4":
+        raise InvalidParameterError(
+            "int4_block_size", f"--int4-block-size applies to --precision int4 only, got "
+            f"{block_size!r} with --precision {precision}; drop it or export int4.")
+    if type(block_size) is not int or block_size not in INT4_BLOCK_SIZES:
+        raise InvalidParameterError(
+            "int4_block_size", f"--int4-block-size must be one of {INT4_BLOCK_SIZES}, got "
+            f"{block_size!r}; smaller blocks are closer to fp32, larger ones faster.")
+
+
+def to_int4(model: onnx.ModelProto, block_size: int | None = None) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK_SIZE,
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size or INT4_BLOCK_SIZE,
                                      is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL)
     quantizer.process()
     return quantizer.model.model
 
 
-def apply_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+def apply_precision(model: onnx.ModelProto, precision: str,
+                    int4_block_size: int | None = None) -> onnx.ModelProto:
     # The quantizers log a line per node at INFO; the export's progress bar says enough.
     for name in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
                  "root"):
@@ -172,5 +190,5 @@ def apply_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     if precision == "int8":
         return to_int8(model)
     if precision == "int4":
-        return to_int4(model)
+        return to_int4(model, int4_block_size)
     raise AssertionError(precision)

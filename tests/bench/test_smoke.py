@@ -31,7 +31,8 @@ def test_json_has_every_measurement(smoke: Path) -> None:
         assert key in r, key
     assert r["meta"]["physical_cores"] >= 1 and r["meta"]["onnxruntime"] and r["meta"]["torch"]
     expected = {"torch-uncached", "torch-cached", "hf-generate", "ours-standard-fp32",
-                "ours-fused-fp32", "ours-fused-int8", "ours-fused-int4"}
+                "ours-fused-fp32", "ours-fused-int8", "ours-fused-int4",
+                "ours-fused-int4-b128"}
     assert expected <= set(r["decode"])
     assert "optimum" not in r["decode"]  # smoke mode needs no extra venv
     for name in expected:

@@ -53,3 +53,30 @@ def test_sampling_on_trained_weights_is_reproducible_and_varied(export_folder):
     assert model.generate("Return a", params).text == first.text
     texts = {model.generate("Return a", params.with_(seed=s)).text for s in range(5)}
     assert len(texts) >= 4
+
+
+def _int4_block_sizes(folder) -> set[int]:
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    return {a.i for n in graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "block_size"}
+
+
+def test_int4_block_size_is_the_one_asked_for_and_trades_fidelity(export_folder):
+    default = export_folder(EMBEDDED_MODEL, layout="fused", precision="int4")
+    fine = export_folder(EMBEDDED_MODEL, layout="fused", precision="int4", int4_block_size=16)
+    coarse = export_folder(EMBEDDED_MODEL, layout="fused", precision="int4",
+                           int4_block_size=128)
+    assert _int4_block_sizes(default) == {32}
+    assert _int4_block_sizes(fine) == {16} and _int4_block_sizes(coarse) == {128}
+    reports = {f: json.loads((f / "export_report.json").read_text()) for f in (fine, coarse)}
+    assert reports[fine]["int4_block_size"] == 16
+    assert reports[coarse]["int4_block_size"] == 128
+    # Both pass validation against transformers; the finer blocks stay closer to it.
+    for r in reports.values():
+        assert r["validation"]["passed"], r["validation"]
+    diff = {f: r["validation"]["metrics"]["logits_abs_diff"]["p90"] for f, r in reports.items()}
+    assert diff[fine] < diff[coarse], diff
+    ids = Model(coarse).encode("Return the")
+    assert len(Model(coarse).generate(ids, max_new_tokens=8).token_ids) == 8

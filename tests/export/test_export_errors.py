@@ -83,6 +83,11 @@ def test_fused_needs_head_dim_multiple_of_8(make_checkpoint, tmp_path):
     ({"layout": "fused", "precision": "fp32", "provider": "cuda"}, "precision", "fp16"),
     ({"layout": "fused", "precision": "int8", "provider": "cuda"}, "precision", "int4"),
     ({"max_length": 4096}, "max_length", r"\[2, 128\]"),
+    ({"precision": "int8", "int4_block_size": 64}, "int4_block_size", "int4 only"),
+    ({"precision": "int4", "int4_block_size": 48}, "int4_block_size",
+     r"one of \(16, 32, 64, 128, 256\), got 48"),
+    ({"precision": "int4", "int4_block_size": True}, "int4_block_size", "got True"),
+    ({"precision": "int4", "int4_block_size": 64.0}, "int4_block_size", "got 64.0"),
 ])
 def test_bad_options(options, param, match, tiny_checkpoint, tmp_path):
     with pytest.raises(InvalidParameterError, match=match) as err:
@@ -98,6 +103,19 @@ def test_cli_reports_errors_and_exits_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
     assert proc.stderr.startswith("error: SOURCE ")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--precision", "int4", "--int4-block-size", "48"], "invalid choice: 48"),
+    (["--precision", "int8", "--int4-block-size", "64"], "--precision int4 only"),
+])
+def test_cli_refuses_a_bad_int4_block_size(flags, match, tiny_checkpoint, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gpt2onnx.export", str(tiny_checkpoint),
+                           str(tmp_path / "out"), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and match in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_cli_exports(tiny_checkpoint, tmp_path):
