@@ -2,6 +2,8 @@
 
     python tools/evaluate_precisions.py [--model models/pydoc-tiny] [--blocks 48]
     (make model-card)
+    python tools/evaluate_precisions.py --int4-block-size 16 32 64 128 256
+    (int4 at each block size, printed only: the card keeps the default export's numbers)
 
 The held-out split is rebuilt exactly as training made it (same stdlib docs, same hash
 split, same tokenizer, 256-token blocks). PyTorch scores it in fp32; each precision is
@@ -152,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=Path("models/pydoc-tiny"))
     p.add_argument("--blocks", type=int, default=48)
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--int4-block-size", type=int, nargs="+", default=None,
+                   help="score int4 at these block sizes instead, and write nothing")
     args = p.parse_args(argv)
+    if args.int4_block_size:
+        return compare_int4_blocks(args.model, args.blocks, args.int4_block_size)
 
     from gpt2onnx.export.api import ExportOptions, export_model
 
@@ -189,6 +195,36 @@ def main(argv: list[str] | None = None) -> int:
     section = card_section(results)
     update_card(args.model / "README.md", section)
     print(section)
+    return 0
+
+
+def compare_int4_blocks(model_dir: Path, n_blocks: int, sizes: list[int]) -> int:
+    """Perplexity, top-1 agreement and validation error of int4 at each block size."""
+    from gpt2onnx.errors import InvalidParameterError
+    from gpt2onnx.export.api import ExportOptions, export_model
+
+    options = [ExportOptions(layout="fused", precision="int4", int4_block_size=size)
+               for size in sizes]
+    try:
+        for opts in options:
+            opts.check()  # a bad size fails in a second, before the scoring
+    except InvalidParameterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    blocks = heldout_blocks(model_dir, n_blocks)
+    ppl, ref_argmax = torch_scores(model_dir, blocks)
+    print(f"PyTorch fp32: perplexity {ppl:.3f}")
+    print("| block | perplexity | top-1 agreement | validation logits max|diff|/range |")
+    print("|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size, opts in zip(sizes, options, strict=True):
+            out = Path(tmp) / f"int4-b{size}"
+            report = export_model(model_dir, out, opts)
+            ppl_b, argmax, _ = runtime_scores(out, blocks)
+            rel = next(c["value"] for c in report["validation"]["checks"]
+                       if c["name"].startswith("logits"))
+            print(f"| {size} | {ppl_b:.2f} | {100 * float((argmax == ref_argmax).mean()):.2f} % "
+                  f"| {rel:.3f} |", flush=True)
     return 0
 
 
