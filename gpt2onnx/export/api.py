@@ -124,7 +124,7 @@ def _build(spec: ModelSpec, weights: Any, opts: ExportOptions, max_length: int) 
 
         return build_standard(spec, weights)
     from gpt2onnx.export.graph_fused import build_fused
-    from gpt2onnx.export.precision import apply_precision
+    from gpt2onnx.export.precision import apply_precision, quantize_embedding_table
 
     del max_length  # the fused graph is length-agnostic; the runtime sizes the buffers
     graph = build_fused(spec, weights, quantized_head=opts.precision in ("int8", "int4"))
@@ -132,6 +132,9 @@ def _build(spec: ModelSpec, weights: Any, opts: ExportOptions, max_length: int) 
         graph = apply_precision(graph, "fp16")
     if opts.precision in ("int8", "int4"):
         graph = apply_precision(graph, opts.precision, opts.block_size)
+        if opts.provider == "cpu":
+            # Not on CUDA: no GPU was at hand to check GatherBlockQuantized's kernel there.
+            graph = quantize_embedding_table(graph)
     return graph
 
 

@@ -26,6 +26,11 @@ def test_cuda_folder_validates_on_the_cpu_kernels(tiny_checkpoint, export_folder
     assert "not on a GPU" in validation["validated_on"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["provider"] == "cuda"
+    # The 8-bit embedding table is CPU-only (its CUDA kernel was never checked on a GPU).
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    assert "GatherBlockQuantized" not in {n.op_type for n in graph.node}
     # The runtime still refuses to *run* a CUDA folder on the CPU.
     with pytest.raises(ProviderUnavailableError, match="exported for the 'cuda' provider"):
         Model(folder)
