@@ -88,7 +88,7 @@ class ExportOptions:
         check_int4_block_size(self.int4_block_size, self.precision)
 
     @property
-    def block_size(self) -> int | None:
+    def int4_block_used(self) -> int | None:
         """The int4 block size the export uses (None for other precisions)."""
         from gpt2onnx.export.precision import INT4_BLOCK_SIZE
 
@@ -131,7 +131,7 @@ def _build(spec: ModelSpec, weights: Any, opts: ExportOptions, max_length: int) 
     if cache_dtype(opts) == "float16":
         graph = apply_precision(graph, "fp16")
     if opts.precision in ("int8", "int4"):
-        graph = apply_precision(graph, opts.precision, opts.block_size)
+        graph = apply_precision(graph, opts.precision, opts.int4_block_used)
         if opts.provider == "cpu":
             # Not on CUDA: no GPU was at hand to check GatherBlockQuantized's kernel there.
             graph = quantize_embedding_table(graph)
@@ -206,7 +206,7 @@ def export_model(source: str | Path, out_dir: str | Path,
             report: dict[str, Any] = {
                 "source": str(source), "exporter_version": __version__,
                 "layout": opts.layout, "precision": opts.precision, "provider": opts.provider,
-                **({"int4_block_size": opts.block_size} if opts.block_size else {}),
+                **({"int4_block_size": opts.int4_block_used} if opts.int4_block_used else {}),
                 "validation": None,
             }
             if opts.validate:
