@@ -194,7 +194,10 @@ def export_model(source: str | Path, out_dir: str | Path,
 
         with destination.staging_folder(out) as tmp:
             progress.stage("saving")
-            files = mf.save_graph(graph, tmp, _mixed_maker(manifest, opts))
+            # Not on CUDA: there each range would be one more device copy of the table.
+            files = mf.save_graph(graph, tmp, _mixed_maker(manifest, opts),
+                                  split_head=opts.provider == "cpu"
+                                  and opts.layout == LAYOUT_FUSED)
             files += mf.save_tokenizer(tokenizer, tmp)
             del graph
             files += _save_generation_config(torch_model, tmp)

@@ -10,6 +10,7 @@ import onnx
 
 from gpt2onnx.contract import GRAPH_FILE, MIXED_GRAPH_FILE, TOKENIZER_FILE, sha256_file
 from gpt2onnx.errors import ModelFolderError
+from gpt2onnx.export import head_parts
 from gpt2onnx.export.destination import current_umask
 
 # protobuf cannot serialize a message over 2 GB: bigger graphs (gpt2-xl) keep their
@@ -21,10 +22,13 @@ TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.
 
 
 def save_graph(model: onnx.ModelProto, folder: Path,
-               mixed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> list[str]:
+               mixed: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+               split_head: bool = False) -> list[str]:
     """Save the graph (external data past 2 GB, or when a second graph shares the
     weights); return the files written. ``mixed`` makes the mixed graph from the saved
-    one, whose initializers are then references into the one data file."""
+    one, whose initializers are then references into the one data file. ``split_head``
+    (CPU folders): an external fp32 LM head becomes row ranges of its table
+    (head_parts.py), in both graphs."""
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     path = folder / GRAPH_FILE
     if size <= EXTERNAL_DATA_THRESHOLD and mixed is None:
@@ -38,6 +42,9 @@ def save_graph(model: onnx.ModelProto, folder: Path,
     files = [GRAPH_FILE, EXTERNAL_DATA_FILE]
     # onnx creates the data file owner-only; it gets the modes of the folder's other files.
     (folder / EXTERNAL_DATA_FILE).chmod(0o666 & ~current_umask())
+    if split_head:
+        # Only now do the table's bytes have an offset in the data file to point into.
+        onnx.save_model(head_parts.split_head(model), str(path))
     if mixed is not None:
         onnx.save_model(mixed(model), str(folder / MIXED_GRAPH_FILE))
         files.append(MIXED_GRAPH_FILE)
