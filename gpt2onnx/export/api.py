@@ -127,7 +127,8 @@ def _build(spec: ModelSpec, weights: Any, opts: ExportOptions, max_length: int) 
     from gpt2onnx.export.precision import apply_precision, quantize_embedding_table
 
     del max_length  # the fused graph is length-agnostic; the runtime sizes the buffers
-    graph = build_fused(spec, weights, quantized_head=opts.precision in ("int8", "int4"))
+    graph = build_fused(spec, weights, quantized_head=opts.precision in ("int8", "int4"),
+                        skip_layer_norm=opts.provider == "cuda")
     if cache_dtype(opts) == "float16":
         graph = apply_precision(graph, "fp16")
     if opts.precision in ("int8", "int4"):
