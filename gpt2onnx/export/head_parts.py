@@ -26,6 +26,7 @@ import math
 
 import onnx
 from onnx import helper
+from onnx.external_data_helper import ExternalDataInfo
 
 # About one MLP matrix of gpt2 (768 x 3072 fp32 = 9.4 MB): the most any one prepack adds
 # on top of what the loaded model holds anyway.
@@ -52,12 +53,13 @@ def split_head(model: onnx.ModelProto, part_bytes: int = HEAD_PART_BYTES) -> onn
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1:
             continue
-        ranges = _row_ranges(table.dims[0], table.dims[1] * 4, part_bytes)
+        row_bytes = table.dims[1] * 4
+        ranges = _row_ranges(table.dims[0], row_bytes, part_bytes)
         if len(ranges) < 2:
             return model
         parts, new_nodes = [], []
         for k, (first, end) in enumerate(ranges):
-            part = _row_range(table, first, end, f"{table.name}.rows_{first}_{end}")
+            part = _row_range(table, row_bytes, first, end)
             g.initializer.append(part)
             out = f"{node.output[0]}.part{k}"
             new_nodes.append(helper.make_node("Gemm", [node.input[0], part.name], [out],
@@ -87,15 +89,16 @@ def _row_ranges(rows: int, row_bytes: int, part_bytes: int) -> list[tuple[int, i
     return [(first, min(rows, first + per_part)) for first in range(0, rows, per_part)]
 
 
-def _row_range(table: onnx.TensorProto, first: int, end: int, name: str) -> onnx.TensorProto:
+def _row_range(table: onnx.TensorProto, row_bytes: int, first: int, end: int
+               ) -> onnx.TensorProto:
     """A tensor of rows [first, end) of ``table``: the same file, offset and row width."""
-    ext = {e.key: e.value for e in table.external_data}
-    row_bytes = table.dims[1] * 4
-    part = onnx.TensorProto(name=name, data_type=table.data_type, dims=[end - first,
-                                                                        table.dims[1]])
+    ext = ExternalDataInfo(table)
+    part = onnx.TensorProto(name=f"{table.name}.rows_{first}_{end}", data_type=table.data_type,
+                            dims=[end - first, table.dims[1]])
     part.data_location = onnx.TensorProto.EXTERNAL
-    offset = int(ext.get("offset", 0)) + first * row_bytes
-    for key, value in (("location", ext["location"]), ("offset", str(offset)),
+    # onnx's set_external_data wants the bytes in hand; a range only points at them.
+    offset = (ext.offset or 0) + first * row_bytes
+    for key, value in (("location", ext.location), ("offset", str(offset)),
                        ("length", str((end - first) * row_bytes))):
         entry = part.external_data.add()
         entry.key, entry.value = key, value
