@@ -6,10 +6,18 @@ slots right-padded) as separate runs, and each run is one more pass over the wei
 Every node but attention works token by token, though. The mixed graph is the finished
 fused graph (any precision) with its token axis reinterpreted: ``input_ids`` is
 [1, tokens], lane 1's rows first, then lane 2's; each GroupQueryAttention becomes two,
-one per lane, over slices of the same QKV, and their outputs are joined again. Lane 1
-keeps the fused IO names (``seqlens_k``, ``past_key_values.*``); lane 2 has its own
-(``chunk.``-prefixed), which the runtime binds to other slots of the same cache buffers.
-``logits_index`` holds positions on the joined axis, so one LM head serves both lanes.
+one per lane, over the two parts of one Split of the QKV, and their outputs are joined
+again. Lane 1 keeps the fused IO names (``seqlens_k``, ``past_key_values.*``); lane 2 has
+its own (``chunk.``-prefixed), which the runtime binds to other slots of the same cache
+buffers. ``logits_index`` holds positions on the joined axis, so one LM head serves both
+lanes.
+
+Inside, the tokens run as a column, [tokens, 1, hidden], not a row: lane 1 is then
+already GroupQueryAttention's [rows, 1, 3 x hidden], and only lane 2 is reshaped, into
+and out of [chunk rows, width, ...]. The serving loop's usual step has no chunk (its
+lane 2 is one decode row), so these nodes are paid on every step: against the plain
+graph's decode step, slicing both lanes and reshaping each in and out cost 4.4 % on gpt2
+at 16 rows, the column 1.7 % (bench/results/history.md, section 24).
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ from gpt2onnx.contract import (
 from gpt2onnx.export.graph_builder import elem_type
 
 _GQA = "GroupQueryAttention"
-_INT64_MAX = 2**63 - 1
 
 
 def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
@@ -61,35 +68,54 @@ def mixed_graph(model: onnx.ModelProto, n_layer: int, n_head: int, head_dim: int
         return out
 
     nodes: list[onnx.NodeProto] = []
-    # Lane sizes from the lengths' shapes: rows of lane 1, rows of lane 2.
+    # The token axis as a column: [1, tokens] ids become [tokens, 1].
+    column = const([-1, 1])
+    as_column = {INPUT_IDS: name("input_ids_column"), POSITION_IDS: name("position_ids_column")}
+    for ids, out in as_column.items():
+        nodes.append(helper.make_node("Reshape", [ids, column], [out], name=name("n")))
+    # Lane sizes from the lengths' shapes: lane 1's rows (one token each) come first on
+    # the column, lane 2's tokens (chunk rows x width) after them.
     rows = name("rows")
     nodes.append(helper.make_node("Shape", [SEQLENS_K], [rows], name=name("n")))
     chunk_rows = name("chunk_rows")
     nodes.append(helper.make_node("Shape", [chunk_name(SEQLENS_K)], [chunk_rows],
                                   name=name("n")))
-    axis1, zero, minus1, end = const([1]), const([0]), const([-1]), const([_INT64_MAX])
-    lane1_shape = name("lane1_shape")  # [rows, -1, 0]: 0 keeps the hidden size
-    nodes.append(helper.make_node("Concat", [rows, minus1, zero], [lane1_shape],
+    tokens = name("tokens")
+    nodes.append(helper.make_node("Shape", [as_column[INPUT_IDS]], [tokens], name=name("n"),
+                                  end=1))
+    chunk_tokens = name("chunk_tokens")
+    nodes.append(helper.make_node("Sub", [tokens, rows], [chunk_tokens], name=name("n")))
+    lane_sizes = name("lane_sizes")
+    nodes.append(helper.make_node("Concat", [rows, chunk_tokens], [lane_sizes],
                                   name=name("n"), axis=0))
-    lane2_shape = name("lane2_shape")
-    nodes.append(helper.make_node("Concat", [chunk_rows, minus1, zero], [lane2_shape],
-                                  name=name("n"), axis=0))
-    joined_shape = const([1, -1, 0])
+    lane2_shape = name("lane2_shape")  # [chunk rows, -1, 0]: 0 keeps the channels
+    nodes.append(helper.make_node("Concat", [chunk_rows, const([-1]), const([0])],
+                                  [lane2_shape], name=name("n"), axis=0))
+    column_shape, row_shape = const([-1, 1, 0]), const([1, -1, 0])
+    gathers = 0
 
-    for node in g.node:
+    for source in g.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(source)  # the fused graph stays as it was
+        for i, x in enumerate(node.input):
+            if x in as_column:
+                node.input[i] = as_column[x]
+        if node.op_type == "GatherND":
+            # The LM head picks positions of a [1, tokens] row: the column turns back.
+            gathers += 1
+            row = name("hidden_row")
+            nodes.append(helper.make_node("Reshape", [node.input[0], row_shape], [row],
+                                          name=name("n")))
+            node.input[0] = row
         if node.op_type != _GQA:
             nodes.append(node)
             continue
         qkv, _, _, past_k, past_v, seqlens, total = node.input[:7]
         attn, present_k, present_v = node.output[:3]
-        q1, q2 = name("qkv_lane1"), name("qkv_lane2")
-        nodes.append(helper.make_node("Slice", [qkv, zero, rows, axis1], [q1 + "_flat"],
-                                      name=name("n")))
-        nodes.append(helper.make_node("Slice", [qkv, rows, end, axis1], [q2 + "_flat"],
-                                      name=name("n")))
-        nodes.append(helper.make_node("Reshape", [q1 + "_flat", lane1_shape], [q1],
-                                      name=name("n")))
-        nodes.append(helper.make_node("Reshape", [q2 + "_flat", lane2_shape], [q2],
+        q1, q2_column, q2 = name("qkv_lane1"), name("qkv_lane2_column"), name("qkv_lane2")
+        nodes.append(helper.make_node("Split", [qkv, lane_sizes], [q1, q2_column],
+                                      name=name("n"), axis=0))
+        nodes.append(helper.make_node("Reshape", [q2_column, lane2_shape], [q2],
                                       name=name("n")))
         a1, a2 = name("attn_lane1"), name("attn_lane2")
         lane1 = helper.make_node(_GQA, [q1, "", "", past_k, past_v, seqlens, total],
@@ -103,11 +129,15 @@ def mixed_graph(model: onnx.ModelProto, n_layer: int, n_head: int, head_dim: int
         for copy in (lane1, lane2):
             copy.attribute.extend(node.attribute)
         nodes += [lane1, lane2]
-        j1, j2 = a1 + "_joined", a2 + "_joined"
-        nodes.append(helper.make_node("Reshape", [a1, joined_shape], [j1], name=name("n")))
-        nodes.append(helper.make_node("Reshape", [a2, joined_shape], [j2], name=name("n")))
-        nodes.append(helper.make_node("Concat", [j1, j2], [attn], name=name("n"), axis=1))
+        a2_column = a2 + "_column"
+        nodes.append(helper.make_node("Reshape", [a2, column_shape], [a2_column],
+                                      name=name("n")))
+        nodes.append(helper.make_node("Concat", [a1, a2_column], [attn], name=name("n"),
+                                      axis=0))
         del seqlens, total
+    if gathers != 1:
+        raise AssertionError(f"a fused graph picks its logits' positions with one GatherND, "
+                             f"found {gathers}")
 
     graph = helper.make_graph(nodes, g.name + "_mixed", [_value_info(s) for s in inputs],
                               [_value_info(s) for s in outputs])

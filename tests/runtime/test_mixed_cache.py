@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,44 @@ def test_a_mixed_load_of_a_folder_without_one_is_a_typed_error(tiny_fused: Path)
     manifest = replace(open_manifest(tiny_fused), mixed_graph_file=None)
     with pytest.raises(InvalidParameterError, match="CPU fused folder with a mixed graph"):
         make_session(tiny_fused, manifest, "cpu", mixed=True)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_mixed_graphs_equal_their_plain_graph(
+        tiny_checkpoint: Path, export_folder: Callable[..., Path], precision: str) -> None:
+    """Dynamic int8 quantizes activations over the whole token axis: the column layout
+    must not change what a run computes for the rows of either lane."""
+    folder = export_folder(tiny_checkpoint, layout="fused", precision=precision)
+    plain, mixed = Model(folder).cache(4), Model(folder, mixed=True).cache(4)
+    assert isinstance(mixed, MixedFusedCache)
+    vocab = plain.vocab
+    rng = np.random.default_rng(2)
+    _same(plain, mixed, [Append(0, _ids(rng, 6, vocab)), Append(1, _ids(rng, 3, vocab))])
+    _same(plain, mixed, [Append(0, _ids(rng, 1, vocab)), Append(1, _ids(rng, 1, vocab)),
+                         Append(2, _ids(rng, 5, vocab))])
+    _same(plain, mixed, [Append(s, _ids(rng, 1, vocab)) for s in (0, 1, 2)])
+
+
+def test_the_mixed_graph_splits_each_layer_once_and_reshapes_only_lane_two(
+        tiny_fused: Path) -> None:
+    """The serving loop's usual step runs lane 2 with one decode row, so every node the
+    lanes add is paid on every step (docs/serving.md): one Split per layer, and Reshapes
+    for lane 2 alone (into and out of its [chunk rows, width] shape)."""
+    import onnx
+
+    manifest = json.loads((tiny_fused / "manifest.json").read_text())
+    fused = onnx.load(tiny_fused / manifest["graph_file"], load_external_data=False)
+    mixed = onnx.load(tiny_fused / manifest["mixed_graph_file"], load_external_data=False)
+
+    def count(graph: onnx.ModelProto, op: str) -> int:
+        return sum(n.op_type == op for n in graph.graph.node)
+
+    layers = manifest["n_layer"]
+    assert count(mixed, "GroupQueryAttention") == 2 * layers
+    assert count(mixed, "Split") == layers and count(mixed, "Slice") == count(fused, "Slice")
+    # Two per layer for lane 2, the ids and positions into a column, the hidden state back.
+    assert count(mixed, "Reshape") == count(fused, "Reshape") + 2 * layers + 3
+    # Per layer: Split, lane 2's GroupQueryAttention, two Reshapes, Concat; once: the lane
+    # sizes (three Shapes, a Sub, two Concats) and the three Reshapes above.
+    added = len(mixed.graph.node) - len(fused.graph.node)
+    assert added - sum(n.op_type == "Constant" for n in mixed.graph.node) == 5 * layers + 9
