@@ -15,9 +15,9 @@ lanes.
 Inside, the tokens run as a column, [tokens, 1, hidden], not a row: lane 1 is then
 already GroupQueryAttention's [rows, 1, 3 x hidden], and only lane 2 is reshaped, into
 and out of [chunk rows, width, ...]. The serving loop's usual step has no chunk (its
-lane 2 is one decode row), so these nodes are paid on every step: against the plain
-graph's decode step, slicing both lanes and reshaping each in and out cost 4.4 % on gpt2
-at 16 rows, the column 1.7 % (bench/results/history.md, section 24).
+lane 2 is one decode row), so these nodes are paid on every step: a decode-only run of
+16 gpt2 rows took 1.02-1.10x the plain graph's with both lanes sliced and each reshaped
+in and out, 1.00-1.04x as a column (bench/results/history.md, section 24).
 """
 
 from __future__ import annotations
