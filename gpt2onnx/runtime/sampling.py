@@ -137,6 +137,14 @@ class RowSampler:
         return (self.params.temperature == 0.0 and not self._repetition
                 and not self._frequency_presence and not self.blocks_eos)
 
+    @property
+    def greedy_but_eos(self) -> bool:
+        """True for a greedy row whose only processor is min_tokens blocking EOS: its pick
+        is the device's argmax whenever that is not EOS (the argmax is the first maximum,
+        so masking EOS cannot move it), and needs the logits only when it is."""
+        return (self.params.temperature == 0.0 and not self._repetition
+                and not self._frequency_presence and self.blocks_eos)
+
     def observe(self, token: int) -> None:
         """Record one generated token (call once per step, after ``pick_tokens``).
 

@@ -350,3 +350,51 @@ def test_min_tokens_holds_back_stop_strings_like_vllm(tiny_fused):
         free.token_ids[:1]
     held = model.generate("Hello", base.with_(stop=(stop,), min_tokens=2))
     assert len(held.token_ids) >= 2
+
+
+def test_min_tokens_greedy_equals_transformers_when_eos_is_the_argmax(
+        tiny_checkpoint, tiny_fused, tmp_path, monkeypatch):
+    """A greedy row held off EOS by min_tokens takes the device's argmax unless it is EOS.
+    With EOS made the token greedy picks first, that step needs the masked logits, the
+    later ones do not, and every token must still be transformers' min_new_tokens output."""
+    import json
+    import shutil
+
+    import pytest
+
+    from gpt2onnx.runtime import generator
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    prompt = [12, 400, 6, 81]
+    eos = Model(tiny_fused).generate(prompt, GenerationParams(
+        max_new_tokens=1, stop_on_eos=False)).token_ids[0]
+    folder = tmp_path / "eos"
+    shutil.copytree(tiny_fused, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["eos_token_id"] = eos
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    ref = transformers.GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    model = Model(folder)
+    processed = []  # rows that went through the sampler's logits path
+
+    def counted(logits, samplers, *args):
+        processed.append(len(samplers))
+        return pick_tokens(logits, samplers, *args)
+
+    pick_tokens = generator.pick_tokens
+    monkeypatch.setattr(generator, "pick_tokens", counted)
+    for rows in (1, 3):
+        for min_tokens in (8, 3):
+            params = GenerationParams(max_new_tokens=8, min_tokens=min_tokens)
+            with torch.no_grad():
+                want = ref.generate(torch.tensor([prompt]), max_new_tokens=8,
+                                    min_new_tokens=min_tokens, do_sample=False,
+                                    eos_token_id=eos, pad_token_id=eos)[0, len(prompt):]
+            want_ids = want.tolist()
+            if eos in want_ids:  # transformers pads after EOS; we stop at it
+                want_ids = want_ids[:want_ids.index(eos) + 1]
+            processed.clear()
+            got = model.generate_batch([prompt] * rows, params)
+            assert all(r.token_ids == want_ids for r in got), (min_tokens, want_ids)
+            assert want_ids[0] != eos and 0 < sum(processed) < rows * min(min_tokens, 8)
