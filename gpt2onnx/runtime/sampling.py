@@ -109,6 +109,9 @@ class RowSampler:
         self._repetition = params.repetition_penalty != 1.0
         self._frequency_presence = (params.frequency_penalty != 0.0
                                     or params.presence_penalty != 0.0)
+        # Greedy with no penalty: only min_tokens can still stand between it and the argmax.
+        self._greedy_unpenalised = (params.temperature == 0.0 and not self._repetition
+                                    and not self._frequency_presence)
 
     @property
     def sampled(self) -> bool:
@@ -134,16 +137,14 @@ class RowSampler:
         presence penalty, and min_tokens not (or no longer) blocking EOS. It may turn True
         during generation, once min_tokens tokens exist.
         """
-        return (self.params.temperature == 0.0 and not self._repetition
-                and not self._frequency_presence and not self.blocks_eos)
+        return self._greedy_unpenalised and not self.blocks_eos
 
     @property
     def greedy_but_eos(self) -> bool:
         """True for a greedy row whose only processor is min_tokens blocking EOS: its pick
         is the device's argmax whenever that is not EOS (the argmax is the first maximum,
         so masking EOS cannot move it), and needs the logits only when it is."""
-        return (self.params.temperature == 0.0 and not self._repetition
-                and not self._frequency_presence and self.blocks_eos)
+        return self._greedy_unpenalised and self.blocks_eos
 
     def observe(self, token: int) -> None:
         """Record one generated token (call once per step, after ``pick_tokens``).
